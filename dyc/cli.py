@@ -1,0 +1,206 @@
+"""The ``dyc`` command line. Every user-facing failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from .errors import DycError
+from .timesteps import NUM_TRAIN_TIMESTEPS, SAMPLERS
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dyc")
+def cli() -> None:
+    """dyc: compile DyDiT checkpoints into per-timestep-group engines and run them."""
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--masks", type=click.Path(path_type=Path), help="Write TDW masks (head, channel [1000, L, H]) to .npz.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw TDW activation (layer × timestep) to a PNG.")
+def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) -> None:
+    """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999."""
+    from .checkpoint import load_checkpoint
+    from .inspection import describe, plot_activation, tdw_activation
+
+    ck = load_checkpoint(ckpt)
+    info = describe(ck)
+    hm = cm = None
+    if ck.config.dynamic:
+        hm, cm = tdw_activation(ck.model)
+    if masks is not None:
+        if hm is None:
+            raise DycError(f"{ckpt}: a plain DiT has no TDW masks to write")
+        _write_npz(masks, head=hm.astype(np.uint8), channel=cm.astype(np.uint8))
+    if plot is not None:
+        if hm is None:
+            raise DycError(f"{ckpt}: a plain DiT has no TDW activation to plot")
+        plot_activation(hm, cm, plot, title=f"{ck.config.name} — {ckpt.name}")
+    if as_json:
+        _echo_json(info)
+        return
+    from .inspection import format_description
+
+    click.echo(format_description(info))
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# flops
+@cli.command()
+@click.argument("ckpt", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", help="A named model instead of a checkpoint, e.g. DiT-XL/2.")
+@click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
+@click.option("--sampler", default="ddim", show_default=True, help=f"Schedule to average over: {', '.join(SAMPLERS)}.")
+@click.option("--steps", type=int, default=None, help="Sampler steps (default: the sampler's usual count).")
+@click.option("--token-keep", type=float, default=None, help="SDT share of tokens the MLPs run on (0..1].")
+@click.option("--per-t", is_flag=True, help="Also print the dynamic GFLOPs at every t of the schedule.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (key 'gflops': static).")
+def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_json) -> None:
+    """Static GFLOPs (MAC convention) and, for DyDiT, dynamic GFLOPs per t and over a schedule."""
+    from .config import parse_model_name
+    from .flops import dynamic_flops, flops_ratio, static_breakdown
+    from .timesteps import sampler_timesteps
+
+    if (ckpt is None) == (model_name is None):
+        raise DycError("give either a checkpoint or --model NAME (e.g. --model DiT-XL/2)")
+    if token_keep is not None and not 0.0 < token_keep <= 1.0:
+        raise DycError(f"--token-keep must be in (0, 1], got {token_keep}")
+    model = None
+    if ckpt is not None:
+        from .checkpoint import load_checkpoint
+
+        ck = load_checkpoint(ckpt)
+        cfg, model = ck.config, ck.model
+    else:
+        cfg = parse_model_name(model_name, int(image_size))
+    static = static_breakdown(cfg)
+    out: dict = {"model": cfg.name, "image_size": cfg.image_size, "gflops": static.total / 1e9,
+                 "breakdown": static.to_dict()}
+    if model is not None and cfg.dynamic:
+        ts = sampler_timesteps(sampler, steps)
+        hm, cm = (m.numpy() for m in model.tdw_masks(torch.arange(NUM_TRAIN_TIMESTEPS)))
+        tdw = dynamic_flops(cfg, hm, cm, 1.0) / 1e9
+        dyn = {
+            "sampler": sampler, "steps": len(ts), "timesteps": ts,
+            "tdw_gflops_per_t": [float(tdw[t]) for t in ts],
+            "tdw_gflops_mean": float(tdw[ts].mean()),
+            "tdw_ratio": flops_ratio(cfg, hm, cm, 1.0, ts),
+        }
+        if token_keep is not None:
+            both = dynamic_flops(cfg, hm, cm, token_keep) / 1e9
+            dyn.update(token_keep=token_keep, gflops_per_t=[float(both[t]) for t in ts],
+                       gflops_mean=float(both[ts].mean()), ratio=flops_ratio(cfg, hm, cm, token_keep, ts))
+        out["dynamic"] = dyn
+    if as_json:
+        _echo_json(out)
+        return
+    click.echo(f"{cfg.name} at {cfg.image_size}px: {out['gflops']:.2f} GFLOPs per forward (static, MACs)")
+    b = out["breakdown"]
+    click.echo(f"  attention {b['attn']:.2f}  mlp {b['mlp']:.2f}  adaLN {b['adaln']:.2f}  "
+               f"embed {b['embed']:.3f}  final {b['final']:.3f}")
+    if "dynamic" in out:
+        d = out["dynamic"]
+        click.echo(f"dynamic over {d['sampler']}-{d['steps']}: TDW {d['tdw_gflops_mean']:.2f} GFLOPs per forward, "
+                   f"ratio λ = {d['tdw_ratio']:.3f} (MHSA+MLP, dynamic/static)")
+        if token_keep is not None:
+            click.echo(f"  with SDT keeping {token_keep:.0%} of tokens: {d['gflops_mean']:.2f} GFLOPs, "
+                       f"λ = {d['ratio']:.3f}")
+        if per_t:
+            key = "gflops_per_t" if token_keep is not None else "tdw_gflops_per_t"
+            for t, g in zip(d["timesteps"], d[key], strict=True):
+                click.echo(f"  t={t:4d}  {g:.3f}")
+    elif ckpt is not None:
+        click.echo("plain DiT: no dynamic width")
+
+
+# ---------------------------------------------------------------------------------------------
+# synth
+@cli.command()
+@click.option("--model", "model_name", default="DiT-XL/2", show_default=True)
+@click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
+@click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Target FLOPs ratio over t=0..999.")
+@click.option("--token-keep", type=float, default=0.8, show_default=True, help="Share of tokens the SDT routers keep.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--static", is_flag=True, help="Write the plain DiT of the same weights (no routers).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None:
+    """A DyDiT checkpoint with random weights whose routers reach a FLOPs target (untrained: for speed tests)."""
+    from .checkpoint import save_checkpoint
+    from .config import parse_model_name
+    from .synth import synth_metadata, synthesize
+
+    if output.suffix != ".safetensors":
+        raise DycError(f"{output}: synth writes .safetensors files")
+    cfg = parse_model_name(model_name, int(image_size))
+    click.echo(f"building {cfg.name.replace('DiT', 'DyDiT', 1) if not cfg.dynamic else cfg.name} "
+               f"(seed {seed}) ...", err=True)
+    model, info = synthesize(cfg, lam, token_keep, seed)
+    save_checkpoint(model, output, metadata=synth_metadata(info), static=static)
+    kind = "plain DiT (same weights)" if static else f"DyDiT, λ = {info['flops_ratio']:.3f} over t=0..999"
+    click.echo(f"wrote {output}: {kind}")
+
+
+# ---------------------------------------------------------------------------------------------
+def _register_optional_commands() -> None:
+    """Commands of later subsystems, registered when their modules are present."""
+    try:
+        from .compiler.cli import compile_cmd, verify_cmd
+    except ImportError:
+        return
+    cli.add_command(compile_cmd, "compile")
+    cli.add_command(verify_cmd, "verify")
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="dyc", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("dyc: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except DycError as e:
+        click.echo(f"dyc: error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("dyc: interrupted", err=True)
+        return 130
+    except Exception as e:  # an internal bug: one line, the traceback on request
+        if os.environ.get("DYC_DEBUG"):
+            raise
+        click.echo(f"dyc: internal error: {type(e).__name__}: {e} (set DYC_DEBUG=1 for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

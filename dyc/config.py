@@ -1,0 +1,183 @@
+"""Model configuration: the DiT family's sizes, and inference of a config from weight shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import DycError
+
+# name -> (hidden C, depth L, heads H), DESIGN.md §1
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+_HEADS_BY_WIDTH = {c: h for c, _, h in MODEL_SIZES.values()}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a DiT/DyDiT. Plain data: JSON round-trips via to_dict/from_dict."""
+
+    input_size: int = 32  # latent (or pixel) side length
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    dynamic: bool = True  # DyDiT (routers present) or plain DiT
+    # pixels per latent cell: 8 for the SD VAE latents DiT uses, 1 for pixel-space models
+    vae_scale: int = 8
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def group_size(self) -> int:
+        """MLP hidden units per channel group: the 4C units form H equal groups."""
+        return self.mlp_hidden // self.num_heads
+
+    @property
+    def token_hidden(self) -> int:
+        return self.hidden_size // 16
+
+    @property
+    def image_size(self) -> int:
+        return self.input_size * self.vae_scale
+
+    @property
+    def size_name(self) -> str | None:
+        for name, (c, l, h) in MODEL_SIZES.items():
+            if (c, l, h) == (self.hidden_size, self.depth, self.num_heads):
+                return name
+        return None
+
+    @property
+    def name(self) -> str:
+        size = self.size_name
+        base = "DyDiT" if self.dynamic else "DiT"
+        if size is None:
+            return f"{base}-C{self.hidden_size}L{self.depth}H{self.num_heads}/{self.patch_size}"
+        return f"{base}-{size}/{self.patch_size}"
+
+    def validate(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise DycError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.mlp_hidden % self.num_heads:
+            raise DycError(f"MLP width {self.mlp_hidden} does not split into {self.num_heads} equal groups")
+        if self.input_size % self.patch_size:
+            raise DycError(f"input size {self.input_size} is not a multiple of patch size {self.patch_size}")
+        if self.dynamic and self.hidden_size < 16:
+            raise DycError("DyDiT needs hidden size >= 16 (token router width C/16)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise DycError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d).validate()
+
+
+def parse_model_name(name: str, image_size: int = 256) -> ModelConfig:
+    """'DiT-XL/2' (or 'DyDiT-S/4', 'XL/2') at 256 or 512 px -> config of the latent model."""
+    m = re.fullmatch(r"(?:(Dy)?DiT-)?(S|B|L|XL)/(2|4|8)", name.strip(), flags=re.IGNORECASE)
+    if not m:
+        raise DycError(f"unknown model {name!r}: expected DiT-{{S,B,L,XL}}/{{2,4,8}}, e.g. DiT-XL/2")
+    if image_size not in (256, 512):
+        raise DycError(f"image size {image_size} is not supported: use 256 or 512")
+    c, l, h = MODEL_SIZES[m.group(2).upper()]
+    return ModelConfig(
+        input_size=image_size // 8, patch_size=int(m.group(3)), hidden_size=c, depth=l, num_heads=h,
+        dynamic=bool(m.group(1)),
+    )
+
+
+def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
+    return tuple(sd[key].shape)
+
+
+def infer_config(sd: Mapping, metadata: Mapping[str, str] | None = None) -> ModelConfig:
+    """Infer the config from the shapes of an official-layout state dict.
+
+    Heads are read from the routers (H-1 rows) for DyDiT; for a plain DiT they follow from the
+    width (the four official sizes) or from ``dyc.config`` metadata written by this project.
+    """
+    meta_cfg = {}
+    if metadata and "dyc.config" in metadata:
+        try:
+            meta_cfg = json.loads(metadata["dyc.config"])
+        except json.JSONDecodeError as e:
+            raise DycError(f"checkpoint metadata 'dyc.config' is not valid JSON: {e}") from None
+    try:
+        c, in_ch, p, p2 = _shape(sd, "x_embedder.proj.weight")
+        n = _shape(sd, "pos_embed")[1]
+        rows, c_y = _shape(sd, "y_embedder.embedding_table.weight")
+        fc1_out, _ = _shape(sd, "blocks.0.mlp.fc1.weight")
+        out_rows, _ = _shape(sd, "final_layer.linear.weight")
+    except KeyError as e:
+        raise DycError(f"not a DiT checkpoint: missing key {e.args[0]!r}") from None
+    except (ValueError, IndexError):
+        raise DycError("not a DiT checkpoint: embedding weights have unexpected ranks") from None
+    if p != p2 or c_y != c:
+        raise DycError("shapes fit no DiT config: patch embedding is not square or widths disagree")
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise DycError(f"shapes fit no DiT config: {n} position embeddings is not a square grid")
+    depth = 0
+    while f"blocks.{depth}.attn.qkv.weight" in sd:
+        depth += 1
+    dynamic = "blocks.0.attn_rate.router.weight" in sd
+    if dynamic:
+        heads = _shape(sd, "blocks.0.attn_rate.router.weight")[0] + 1
+    elif "num_heads" in meta_cfg:
+        heads = int(meta_cfg["num_heads"])
+    elif c in _HEADS_BY_WIDTH:
+        heads = _HEADS_BY_WIDTH[c]
+    else:
+        raise DycError(
+            f"cannot infer the head count of a plain DiT of width {c}: it is none of the official sizes "
+            "and the file carries no 'dyc.config' metadata"
+        )
+    out_ch, rem = divmod(out_rows, p * p)
+    if rem or out_ch not in (in_ch, 2 * in_ch):
+        raise DycError(f"shapes fit no DiT config: final layer has {out_rows} rows for patch {p}, {in_ch} channels")
+    # DiT keeps one extra embedding row (the null class) when trained with label dropout
+    num_classes = rows - 1
+    vae_scale = int(meta_cfg.get("vae_scale", 8 if in_ch == 4 else 1))
+    cfg = ModelConfig(
+        input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=c, depth=depth, num_heads=heads,
+        mlp_ratio=fc1_out / c, num_classes=num_classes, learn_sigma=out_ch == 2 * in_ch, dynamic=dynamic,
+        vae_scale=vae_scale,
+    )
+    try:
+        return cfg.validate()
+    except DycError as e:
+        raise DycError(f"shapes fit no DiT config: {e}") from None
