@@ -166,6 +166,35 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+# bench
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--backends", default="eager,eager-dydit,torch", show_default=True,
+              help="Comma-separated rows: eager, eager-dydit, torch, onnxruntime, tensorrt.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Images per step (CFG doubles the rows).")
+@click.option("--cfg/--no-cfg", default=True, show_default=True, help="Classifier-free guidance (doubles the batch).")
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed passes over the schedule.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, json_out, plot) -> None:
+    """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
+    from .bench import format_report, plot_report, run_bench, write_json
+
+    rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
+                    cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
+                    repeats=repeats)
+    click.echo(format_report(rep))
+    if json_out:
+        write_json(rep, json_out)
+    if plot:
+        plot_report(rep, plot)
+
+
+# ---------------------------------------------------------------------------------------------
 def _register_optional_commands() -> None:
     """Commands of later subsystems, registered when their modules are present."""
     try:
@@ -177,6 +206,15 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+def _register_run() -> None:
+    from .runtime.cli import run_cmd
+
+    cli.add_command(run_cmd, "run")
+
+
+_register_run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,41 @@
+"""The one interface every backend implements (eager, onnxruntime, torch, tensorrt)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+
+class Backend(ABC):
+    """Runs the group engines of one bundle on one device.
+
+    Engines run one after another (the scheduler switches them per sampling step), so a backend
+    may share activation memory between groups. ``run_group`` takes the group's graph inputs by
+    name (``x``, ``t``, ``y`` and the mask inputs the manifest lists for that group) and returns
+    the model output ``[B, out_ch, H, W]`` on ``self.device``.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether this backend can run on this machine, and if not, why (one line)."""
+        return True, ""
+
+    @abstractmethod
+    def run_group(self, group: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    def close(self) -> None:
+        """Release engines and device memory."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,373 @@
+"""``dyc bench``: per-step latency of each backend against eager PyTorch, measured side by side.
+
+Rows: ``eager`` (the full-width DiT, the baseline every speedup is over), ``eager-dydit`` (the
+official masked computation), ``torch-static`` (the compiled full-width DiT: the fair baseline
+for what compiling alone buys), ``torch`` (compiled DyDiT: sliced groups + SDT kernel + CUDA
+graphs), ``onnxruntime`` and ``tensorrt`` (from a bundle). Before timing, each row's output is
+checked against its eager reference on the benchmark's own inputs. A row that cannot run here
+is reported with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .errors import DycError
+from .flops import static_breakdown, static_gflops
+from .timesteps import sampler_timesteps
+
+ROWS = ("eager", "eager-dydit", "torch-static", "torch", "onnxruntime", "tensorrt")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TOL = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 5e-2}  # relative to the reference's max magnitude
+
+
+@dataclass
+class Row:
+    backend: str
+    status: str = "ok"  # "ok", or why the row has no figures
+    step_ms: float | None = None  # median model call over the schedule, after warm-up
+    step_ms_per_t: list[float] = field(default_factory=list)
+    s_per_image: float | None = None  # a full sampling loop (model calls + sampler maths) / images
+    gflops_per_step: float | None = None  # per image per forward, averaged over the schedule
+    speedup_vs_eager: float | None = None
+    speedup_vs_static: float | None = None  # over the same backend's full-width DiT
+    flops_ideal: float | None = None  # static GFLOPs / this row's GFLOPs
+    share_of_ideal: float | None = None  # speedup_vs_static / flops_ideal
+    max_rel_err: float | None = None
+    weight_bytes: int | None = None
+    peak_activation_bytes: int | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_call(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on GPU, wall clock on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+@dataclass
+class BenchSetup:
+    cfg: ModelConfig
+    rows_batch: int  # model batch (2 × images with CFG)
+    images: int
+    schedule: list[int]
+    device: torch.device
+    dtype: str
+
+
+class _Runner:
+    """One row: a callable model(x, t_scalar, y) plus its GFLOPs per t and weights."""
+
+    def __init__(self, name: str, call: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor],
+                 gflops_of_t: Callable[[int], float], weights: Sequence[torch.Tensor] = ()):
+        self.name, self.call, self.gflops_of_t, self.weights = name, call, gflops_of_t, list(weights)
+
+
+def _eager_runners(ck, setup: BenchSetup) -> tuple[_Runner, _Runner | None]:
+    model = copy.deepcopy(ck.model).to(device=setup.device, dtype=_DTYPES[setup.dtype])
+    static_g = static_gflops(setup.cfg)
+
+    def full(x, t, y):
+        return model(x, torch.full((x.shape[0],), t, device=x.device), y, complete_model=True)
+
+    def masked(x, t, y):
+        return model(x, torch.full((x.shape[0],), t, device=x.device), y)
+
+    weights = list(model.parameters())
+    eager = _Runner("eager", full, lambda t: static_g, weights)
+    dydit = _Runner("eager-dydit", masked, lambda t: static_g, weights) if setup.cfg.dynamic else None
+    return eager, dydit
+
+
+def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]:
+    from .backends.torch_sliced import GraphRunner, GroupLayout, SlicedDiT
+    from .compiler.analyse import analyse, architectures
+    from .compiler.group import group_of, partition
+
+    cfg, dev, dt = setup.cfg, setup.device, _DTYPES[setup.dtype]
+    sd = ck.model.state_dict()  # fp32 on the CPU: sliced and cast once per group
+    full = GroupLayout([list(range(cfg.num_heads))] * cfg.depth, [list(range(cfg.num_heads))] * cfg.depth,
+                       [False] * cfg.depth, [False] * cfg.depth)
+    static_cfg = ModelConfig(**{**cfg.to_dict(), "dynamic": False})
+    static_mod = SlicedDiT(static_cfg, sd, full, dtype=dt, device=dev)
+    static_g = static_gflops(cfg)
+    use_graphs = dev.type == "cuda"
+    static_graph = GraphRunner([static_mod]) if use_graphs else None
+
+    def static_call(x, t, y):
+        tt = torch.full((x.shape[0],), t, device=dev)
+        return static_graph(0, {"x": x, "t": tt, "y": y}) if use_graphs else static_mod(x, tt, y)
+
+    static_row = _Runner("torch-static", static_call, lambda t: static_g, static_mod.weight_tensors())
+    if not cfg.dynamic:
+        return static_row, None
+    ana = analyse(ck.model, setup.schedule, calib=calib, progress=lambda m: print(m, file=sys.stderr))
+    arch_of_t, ah, ac = architectures(ana.head, ana.channel)
+    groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule)
+    mods = [SlicedDiT(cfg, sd, GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel), dtype=dt, device=dev)
+            for g in groups]
+    runner = GraphRunner(mods) if use_graphs else None
+    head = torch.from_numpy(ana.head).to(dev)
+    chan = torch.from_numpy(ana.channel).to(dev)
+
+    def slot_masks(g, t: int, b: int):
+        hm = torch.zeros(b, cfg.depth, g.head_slots, device=dev, dtype=dt)
+        cm = torch.zeros(b, cfg.depth, g.channel_slots, device=dev, dtype=dt)
+        for l in range(cfg.depth):
+            hm[:, l, : len(g.heads[l])] = head[t, l, g.heads[l]].to(dt)
+            cm[:, l, : len(g.channels[l])] = chan[t, l, g.channels[l]].to(dt)
+        return hm, cm
+
+    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def dyn_call(x, t, y):
+        g = group_of(groups, t)
+        key = (t, x.shape[0])
+        if key not in cache:  # the runtime keeps per-t masks ready; so does the benchmark
+            cache[key] = slot_masks(g, t, x.shape[0])
+        hm, cm = cache[key]
+        inputs = {"x": x, "t": torch.full((x.shape[0],), t, device=dev), "y": y, "head_mask": hm, "channel_mask": cm}
+        return runner(g.index, inputs) if use_graphs else mods[g.index](**inputs)
+
+    gmap = {t: group_of(groups, t).gflops for t in setup.schedule}
+    weights = [w for m in mods for w in m.weight_tensors()]
+    print(f"torch backend: {len(groups)} groups, {ana.num_architectures} distinct architectures", file=sys.stderr)
+    return static_row, _Runner("torch", dyn_call, lambda t: gmap[t], weights)
+
+
+def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Row:
+    dev = setup.device
+    row = Row(runner.name)
+    with torch.no_grad():
+        for t in setup.schedule:  # warm-up: every group once, graphs captured
+            runner.call(x, t, y)
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        per_t = {t: [] for t in setup.schedule}
+        for _ in range(repeats):
+            for t in setup.schedule:
+                per_t[t].append(_time_call(lambda t=t: runner.call(x, t, y), dev))
+        if dev.type == "cuda":
+            row.peak_activation_bytes = int(torch.cuda.max_memory_allocated(dev) - base)
+        # end to end: the sampling loop, model calls plus DDIM maths, as a user runs it
+        from .diffusion import GaussianDiffusion
+
+        diff = GaussianDiffusion.linear().respace(sorted(setup.schedule))
+        ac = torch.tensor(diff.alphas_cumprod, device=dev, dtype=torch.float32)
+        ac_prev = torch.tensor(diff.alphas_cumprod_prev, device=dev, dtype=torch.float32)
+        c = setup.cfg.in_channels
+        _sync(dev)
+        t0 = time.perf_counter()
+        xt = x.float()
+        for i, t in zip(range(len(setup.schedule) - 1, -1, -1), setup.schedule, strict=True):
+            out = runner.call(xt.to(x.dtype), t, y).float()
+            eps = out[:, :c]
+            x0 = (xt - torch.sqrt(1 - ac[i]) * eps) / torch.sqrt(ac[i])
+            xt = x0 * torch.sqrt(ac_prev[i]) + torch.sqrt(1 - ac_prev[i]) * eps
+        _sync(dev)
+        row.s_per_image = (time.perf_counter() - t0) / setup.images
+    meds = [statistics.median(per_t[t]) for t in setup.schedule]
+    row.step_ms_per_t = [round(m, 4) for m in meds]
+    row.step_ms = float(statistics.median([v for t in setup.schedule for v in per_t[t]]))
+    row.gflops_per_step = float(np.mean([runner.gflops_of_t(t) for t in setup.schedule]))
+    row.weight_bytes = _storage_bytes(runner.weights) if runner.weights else None
+    return row
+
+
+def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> float:
+    """Max relative error against the reference row at a few t of the schedule (every group gets hit)."""
+    ts = setup.schedule[:: max(1, len(setup.schedule) // 8)] + [setup.schedule[-1]]
+    worst = 0.0
+    with torch.no_grad():
+        for t in ts:
+            a, b = runner.call(x, t, y).float(), ref.call(x, t, y).float()
+            worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)))
+    return worst
+
+
+def run_bench(
+    ckpt: str | Path, *, backends: Sequence[str] = ("eager", "eager-dydit", "torch"), batch: int = 16,
+    cfg_scale: float | None = 4.0, sampler: str = "ddim", steps: int = 50, dtype: str = "bf16",
+    device: str | None = None, repeats: int = 3, calib: int = 2, seed: int = 0,
+) -> dict:
+    """Measure the requested rows side by side in this process; returns a JSON-able report."""
+    unknown = [b for b in backends if b not in ROWS]
+    if unknown:
+        raise DycError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    if dtype not in _DTYPES:
+        raise DycError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    if batch <= 0:
+        raise DycError(f"--batch must be positive, got {batch}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and dtype != "fp32":
+        print(f"note: {dtype} on CPU is slow and unrepresentative; using fp32", file=sys.stderr)
+        dtype = "fp32"
+    ck = load_checkpoint(ckpt)
+    cfg = ck.config
+    schedule = sampler_timesteps(sampler, steps)
+    rows_batch = batch * (2 if cfg_scale else 1)
+    setup = BenchSetup(cfg, rows_batch, batch, schedule, dev, dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows_batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    if cfg_scale:
+        y = torch.cat([y, torch.full((batch,), cfg.num_classes)])
+    x, y = x.to(dev, _DTYPES[dtype]), y.to(dev)
+
+    report: dict = {
+        "checkpoint": str(ckpt), "model": cfg.name, "untrained": ck.metadata.get("dyc.untrained") == "true",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": dtype, "batch": batch, "cfg": bool(cfg_scale), "model_batch": rows_batch,
+        "sampler": sampler, "steps": len(schedule), "static_gflops": static_gflops(cfg),
+        "dense_weight_bytes": int(sum(v.numel() for v in ck.model.state_dict().values()) * _DTYPES[dtype].itemsize),
+        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("dyc") else None,
+    }
+    rows: dict[str, Row] = {}
+    runners: dict[str, _Runner] = {}
+    eager, dydit = _eager_runners(ck, setup)
+    runners["eager"] = eager
+    if dydit:
+        runners["eager-dydit"] = dydit
+    want = list(dict.fromkeys(["eager", *backends]))
+    if "torch" in want and "torch-static" not in want:
+        want.insert(want.index("torch"), "torch-static")
+    for name in want:
+        if name in ("torch", "torch-static") and name not in runners:
+            # on CPU: the sliced modules without CUDA graphs or the kernel (the reference maths)
+            st, dy = _torch_runners(ck, setup, calib)
+            runners["torch-static"] = st
+            if dy:
+                runners["torch"] = dy
+    for name in want:
+        if name in ("onnxruntime", "tensorrt"):
+            rows[name] = Row(name, status=_bundle_backend_status(name))
+            continue
+        if name not in runners:
+            rows[name] = Row(name, status="plain DiT checkpoint: no DyDiT row")
+            continue
+        r = runners[name]
+        # each row against its own eager semantics: compiled DyDiT vs the masked model, static vs full width
+        ref = runners["eager-dydit"] if name == "torch" else runners["eager"]
+        err = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else 0.0
+        if err > _TOL[dtype]:
+            rows[name] = Row(name, status=f"failed check: max relative error {err:.2e} > {_TOL[dtype]:.0e}",
+                             max_rel_err=err)
+            continue
+        print(f"timing {name} ...", file=sys.stderr)
+        row = _measure(r, setup, x, y, repeats)
+        row.max_rel_err = err
+        rows[name] = row
+    base = rows.get("eager")
+    static = rows.get("torch-static")
+    sg = static_gflops(cfg)
+    for row in rows.values():
+        if row.status != "ok":
+            continue
+        if base and base.step_ms:
+            row.speedup_vs_eager = base.step_ms / row.step_ms
+        row.flops_ideal = sg / row.gflops_per_step
+        ref = static if row.backend == "torch" else (base if row.backend == "eager-dydit" else None)
+        if ref and ref.status == "ok" and ref.step_ms:
+            row.speedup_vs_static = ref.step_ms / row.step_ms
+            row.share_of_ideal = row.speedup_vs_static / row.flops_ideal
+    report["blocks_static_gflops"] = static_breakdown(cfg).blocks / 1e9
+    report["rows"] = [asdict(r) for r in rows.values()]
+    return report
+
+
+def _bundle_backend_status(name: str) -> str:
+    if name == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "not installed here (TensorRT is not installable in this workplace; see docs/tensorrt.md)"
+    return "needs a compiled bundle (dyc compile); bundle rows are measured by `dyc bench BUNDLE`"
+
+
+def format_report(rep: dict) -> str:
+    lines = [
+        f"{rep['model']}{' (untrained)' if rep['untrained'] else ''} on {rep['device']}, {rep['dtype']}, "
+        f"batch {rep['batch']}{' with CFG (' + str(rep['model_batch']) + ' rows)' if rep['cfg'] else ''}, "
+        f"{rep['sampler']}-{rep['steps']}",
+        f"{'backend':<13} {'ms/step':>9} {'s/image':>9} {'GFLOPs':>8} {'vs eager':>9} {'vs static':>9} "
+        f"{'ideal':>6} {'share':>6} {'rel err':>8}",
+    ]
+
+    def f(v, fmt, unit=""):
+        width = int(fmt.split(".")[0]) + len(unit)
+        return (format(v, fmt) + unit) if v is not None else "-".rjust(width)
+
+    for r in rep["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['backend']:<13} {r['status']}")
+            continue
+        lines.append(
+            f"{r['backend']:<13} {f(r['step_ms'], '9.3f')} {f(r['s_per_image'], '9.4f')} {f(r['gflops_per_step'], '8.2f')} "
+            f"{f(r['speedup_vs_eager'], '8.2f', 'x')} {f(r['speedup_vs_static'], '8.2f', 'x')} {f(r['flops_ideal'], '5.2f', 'x')} "
+            f"{f(r['share_of_ideal'], '6.0%')} {f(r['max_rel_err'], '8.1e')}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rep: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=2))
+
+
+def plot_report(rep: dict, path: Path) -> Path:
+    """Per-step latency over the schedule, one line per measured row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DycError("--plot needs matplotlib: pip install 'dyc[plot]'") from None
+    ts = sampler_timesteps(rep["sampler"], rep["steps"])
+    fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
+    for r in rep["rows"]:
+        if r["status"] == "ok":
+            ax.plot(ts, r["step_ms_per_t"], marker=".", label=f"{r['backend']} ({r['step_ms']:.2f} ms median)")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("ms per model call")
+    ax.invert_xaxis()  # sampling order: t from 999 down to 0
+    ax.set_title(f"{rep['model']} on {rep['device']}, {rep['dtype']}, {rep['model_batch']} rows per call")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
