@@ -335,11 +335,12 @@ def format_report(rep: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"{r['backend']:<13} {r['status']}")
             continue
-        lines.append(
-            f"{r['backend']:<13} {f(r['step_ms'], '9.3f')} {f(r['s_per_image'], '9.4f')} {f(r['gflops_per_step'], '8.2f')} "
-            f"{f(r['speedup_vs_eager'], '8.2f', 'x')} {f(r['speedup_vs_static'], '8.2f', 'x')} {f(r['flops_ideal'], '5.2f', 'x')} "
-            f"{f(r['share_of_ideal'], '6.0%')} {f(r['max_rel_err'], '8.1e')}"
-        )
+        lines.append(" ".join([
+            f"{r['backend']:<13}", f(r["step_ms"], "9.3f"), f(r["s_per_image"], "9.4f"),
+            f(r["gflops_per_step"], "8.2f"), f(r["speedup_vs_eager"], "8.2f", "x"),
+            f(r["speedup_vs_static"], "8.2f", "x"), f(r["flops_ideal"], "5.2f", "x"),
+            f(r["share_of_ideal"], "6.0%"), f(r["max_rel_err"], "8.1e"),
+        ]))
     return "\n".join(lines)
 
 

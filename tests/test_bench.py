@@ -3,6 +3,7 @@
 import json
 
 from conftest import random_model, tiny_config
+
 from dyc.bench import format_report, run_bench
 from dyc.checkpoint import save_checkpoint
 from dyc.cli import main

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_model, tiny_config
+
 from dyc.backends.torch_sliced import GroupLayout, SlicedDiT
 
 

@@ -31,7 +31,7 @@ class Backend(ABC):
     @abstractmethod
     def device(self) -> torch.device: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing to release
         """Release engines and device memory."""
 
     def __enter__(self) -> Backend:

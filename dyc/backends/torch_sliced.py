@@ -85,7 +85,8 @@ class SlicedDiT(nn.Module):
                     layer[f"tok{i}.weight"] = w(f"{p}token_selection.mlp_head.{i}.weight")
                     layer[f"tok{i}.bias"] = w(f"{p}token_selection.mlp_head.{i}.bias")
             self.layers.append(layer)
-        self.f_ada_w, self.f_ada_b = w("final_layer.adaLN_modulation.1.weight"), w("final_layer.adaLN_modulation.1.bias")
+        self.f_ada_w = w("final_layer.adaLN_modulation.1.weight")
+        self.f_ada_b = w("final_layer.adaLN_modulation.1.bias")
         self.f_w, self.f_b = w("final_layer.linear.weight"), w("final_layer.linear.bias")
         kernel, _ = _sdt_mlp_op()
         self.kernel = kernel if (use_kernel and dev.type == "cuda") else None
