@@ -8,7 +8,7 @@ all graphs drawing on one memory pool, since groups run one after another.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +29,36 @@ class GroupLayout:
     vary_channel: list[bool]
 
 
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6, fp32 statistics) then adaLN modulate."""
+    xf = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+    return (xf * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(x.dtype)
+
+
+def gate_residual(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return h + gate.unsqueeze(1) * y
+
+
+_FUSED: dict[str, Callable] = {}
+
+
+def _fused(fn: Callable) -> Callable:
+    """``fn`` compiled by inductor into one kernel (elementwise passes dominate at these widths).
+
+    Shapes do not depend on the group, so each batch size compiles once for every group.
+    """
+    if fn.__name__ not in _FUSED:
+        _FUSED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _FUSED[fn.__name__]
+
+
 def _sdt_mlp_op():
     """The fused kernel when its library is built and we are on CUDA, else the reference maths."""
     try:
         from ..kernels import sdt_mlp as k
     except ImportError:
         return None, None
-    return getattr(k, "sdt_mlp", None), getattr(k, "sdt_mlp_reference", None)
+    return (k.sdt_mlp if k.available() else None), k.sdt_mlp_reference
 
 
 def sdt_mlp_torch(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask, group_size: int):
@@ -57,7 +80,8 @@ class SlicedDiT(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layout: GroupLayout,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", use_kernel: bool = True):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", use_kernel: bool = True,
+                 fuse: bool | None = None):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         dev = torch.device(device)
@@ -90,6 +114,9 @@ class SlicedDiT(nn.Module):
         self.f_w, self.f_b = w("final_layer.linear.weight"), w("final_layer.linear.bias")
         kernel, _ = _sdt_mlp_op()
         self.kernel = kernel if (use_kernel and dev.type == "cuda") else None
+        fuse = dev.type == "cuda" if fuse is None else fuse
+        self.ln_mod = _fused(ln_modulate) if fuse else ln_modulate
+        self.gate_res = _fused(gate_residual) if fuse else gate_residual
 
     def weight_tensors(self) -> list[torch.Tensor]:
         ts = [self.patch_w, self.patch_b, self.pos, self.t_w1, self.t_b1, self.t_w2, self.t_b2, self.y_table,
@@ -116,14 +143,14 @@ class SlicedDiT(nn.Module):
         for l, layer in enumerate(self.layers):
             sh1, sc1, g1, sh2, sc2, g2 = mods[:, l].unbind(1)
             nh = len(lay.heads[l])
-            a = modulate(F.layer_norm(h, h.shape[-1:], eps=1e-6), sh1, sc1)
+            a = self.ln_mod(h, sh1, sc1)
             qkv = F.linear(a, layer["attn.qkv.weight"], layer["attn.qkv.bias"])
             q, k, v = qkv.view(b, -1, 3, nh, dh).permute(2, 0, 3, 1, 4).unbind(0)
             o = F.scaled_dot_product_attention(q, k, v)  # [B, nh, N, Dh]
             if lay.vary_head[l]:
                 o = o * head_mask[:, l, :nh, None, None].to(dt)
             o = o.transpose(1, 2).reshape(b, -1, nh * dh)
-            h = h + g1.unsqueeze(1) * F.linear(o, layer["attn.proj.weight"], layer["attn.proj.bias"])
+            h = self.gate_res(h, g1, F.linear(o, layer["attn.proj.weight"], layer["attn.proj.bias"]))
             ng = len(lay.channels[l])
             cmask = channel_mask[:, l, :ng].to(dt) if lay.vary_channel[l] else None
             if cfg.dynamic:
@@ -132,14 +159,14 @@ class SlicedDiT(nn.Module):
                 keep = (torch.sigmoid(logit) > 0.5).to(dt)
                 h = self._mlp(h, sh2, sc2, g2, keep, layer, cmask)
             else:  # a plain DiT: every token, no gather/scatter
-                m = modulate(F.layer_norm(h, h.shape[-1:], eps=1e-6), sh2, sc2)
+                m = self.ln_mod(h, sh2, sc2)
                 u = F.linear(m, layer["mlp.fc1.weight"], layer["mlp.fc1.bias"])
                 if cmask is not None:
                     u = (u.unflatten(-1, (ng, -1)) * cmask[:, None, :, None]).flatten(-2)
                 u = F.linear(F.gelu(u, approximate="tanh"), layer["mlp.fc2.weight"], layer["mlp.fc2.bias"])
-                h = h + g2.unsqueeze(1) * u
+                h = self.gate_res(h, g2, u)
         shift, scale = F.linear(F.silu(c), self.f_ada_w, self.f_ada_b).chunk(2, dim=1)
-        out = F.linear(modulate(F.layer_norm(h, h.shape[-1:], eps=1e-6), shift, scale), self.f_w, self.f_b)
+        out = F.linear(self.ln_mod(h, shift, scale), self.f_w, self.f_b)
         p, oc, g = cfg.patch_size, cfg.out_channels, cfg.input_size // cfg.patch_size
         out = out.view(b, g, g, p, p, oc)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, oc, g * p, g * p)

@@ -1,0 +1,172 @@
+"""End-to-end checks of the C++ runtime against the Python CLI (run by ctest, see CMakeLists.txt).
+
+``setup`` writes a tiny DyDiT checkpoint and compiles it with ``dyc compile`` into WORK/tiny.dyc
+(fp32) and WORK/tiny16.dyc (fp16), two groups each, one of whose members differ, so its engine
+takes per-t mask inputs; plus a noise file.
+Each sampling case runs ``dyc run --noise ... --save-latents`` and ``dyc_sample`` with the same
+noise and compares the final latents (max |diff| <= 1e-4). The bad-bundle cases damage a copy
+of the bundle and check that ``dyc_sample`` fails with a clear one-line message.
+
+    python check_sample.py CASE --repo REPO --work WORK --dyc-sample PATH/dyc_sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TOL = 1e-4
+CLASSES = "1,7"
+SAMPLING = {  # case -> (bundle, dyc run options); dyc_sample takes the same options
+    "ddim_cfg": ("tiny.dyc", ["--sampler", "ddim", "--steps", "10", "--cfg", "4"]),
+    "dpm_cfg": ("tiny.dyc", ["--sampler", "dpm-solver++", "--steps", "8", "--cfg", "1.5"]),
+    "ddim_nocfg": ("tiny.dyc", ["--sampler", "ddim", "--steps", "10", "--cfg", "1"]),
+    "ddim_official_cfg": ("tiny.dyc", ["--sampler", "ddim", "--steps", "10", "--cfg", "4", "--cfg-official"]),
+    "fp16_dpm_cfg": ("tiny16.dyc", ["--sampler", "dpm-solver++", "--steps", "8", "--cfg", "4"]),
+}
+
+
+def dyc_cli(args: argparse.Namespace, *cmd: str) -> subprocess.CompletedProcess:
+    code = "import sys; from dyc.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *cmd], cwd=args.work, capture_output=True, text=True)
+
+
+def must(p: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    if p.returncode != 0:
+        sys.exit(f"{what} failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    work = args.work
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    # a tame tiny DyDiT (tests/runtime_fixtures.py): eps ~ x, so sampling chains stay bounded and
+    # two correct implementations differ by float rounding only, not by rounding x 158
+    from dyc.checkpoint import save_checkpoint
+
+    sys.path.insert(0, str(args.repo / "tests"))
+    try:
+        from runtime_fixtures import tame_config, tame_model
+
+        cfg = tame_config()
+        model = tame_model(cfg, seed=3)
+    except ImportError:  # without the test helpers: a small random DyDiT, chains kept short
+        import torch
+
+        from dyc.config import ModelConfig
+        from dyc.model import DyDiT
+
+        torch.manual_seed(3)
+        cfg = ModelConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10)
+        model = DyDiT(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name != "pos_embed":
+                    p.normal_(0.0, 3.0 if "_rate.router" in name else 0.05)
+    save_checkpoint(model, work / "tiny.safetensors")
+    for name, dtype in (("tiny.dyc", "fp32"), ("tiny16.dyc", "fp16")):
+        must(dyc_cli(args, "compile", "tiny.safetensors", "-o", name, "--groups", "2", "--sampler", "ddim",
+                     "--steps", "10", "--calib", "1", "--calib-steps", "2", "--dtype", dtype), "dyc compile")
+    m = json.loads((work / "tiny.dyc" / "manifest.json").read_text())
+    takes = [g["index"] for g in m["groups"] if any(v is not None for v in (g.get("inputs") or {}).values())]
+    print(f"compiled {len(m['groups'])} group(s); groups taking mask inputs: {takes}")
+    noise = np.random.default_rng(0).standard_normal((2, cfg.in_channels, cfg.input_size, cfg.input_size))
+    np.save(work / "noise.npy", noise.astype(np.float32))
+
+
+def sample_case(args: argparse.Namespace, case: str) -> None:
+    work, (bundle, opts) = args.work, SAMPLING[case]
+    ref, got = work / f"{case}.ref.npy", work / f"{case}.cpp.npy"
+    must(dyc_cli(args, "run", bundle, *opts, "--classes", CLASSES, "--noise", "noise.npy", "--save-latents",
+                 ref.name, "-o", f"{case}.out"), "dyc run")
+    p = subprocess.run([str(args.dyc_sample), str(work / bundle), *opts, "--classes", CLASSES, "--noise",
+                        str(work / "noise.npy"), "--out", str(got)], capture_output=True, text=True)
+    must(p, "dyc_sample")
+    a, b = np.load(ref), np.load(got)
+    if a.shape != b.shape:
+        sys.exit(f"shape mismatch: dyc run {a.shape}, dyc_sample {b.shape}")
+    err = float(np.abs(a - b).max())
+    print(f"{case}: max |dyc run - dyc_sample| = {err:.3g} (latents up to {float(np.abs(a).max()):.3g})")
+    if not np.isfinite(err) or err > TOL:
+        sys.exit(f"{case}: latents differ by {err:.3g} > {TOL}")
+
+
+def broken_copy(args: argparse.Namespace, name: str) -> Path:
+    dst = args.work / f"{name}.dyc"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(args.work / "tiny.dyc", dst)
+    return dst
+
+
+def expect_failure(args: argparse.Namespace, bundle: Path, needles: list[str], extra: list[str] | None = None,
+                   code: int = 1) -> None:
+    cmd = [str(args.dyc_sample), str(bundle), "--classes", CLASSES, "--noise", str(args.work / "noise.npy"),
+           "--out", str(args.work / "never.npy"), "--steps", "2", *(extra or [])]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    err = p.stderr.strip()
+    print(f"exit {p.returncode}: {err}")
+    if p.returncode != code:
+        sys.exit(f"expected exit {code}, got {p.returncode}")
+    for n in needles:
+        if n not in err:
+            sys.exit(f"error message lacks {n!r}")
+    if "Traceback" in err or "terminate called" in err:
+        sys.exit("not a clean error")
+
+
+def bad_case(args: argparse.Namespace, case: str) -> None:
+    if case == "bad_checksum":
+        b = broken_copy(args, case)
+        w = b / "weights.bin"
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 0x01  # same size, one bit flipped: only the sha256 can tell
+        w.write_bytes(bytes(data))
+        expect_failure(args, b, ["weights.bin", "sha256 mismatch"])
+    elif case == "missing_file":
+        b = broken_copy(args, case)
+        (b / "group0.onnx").unlink()
+        expect_failure(args, b, ["group0.onnx", "is missing"])
+    elif case == "edited_manifest":
+        b = broken_copy(args, case)
+        m = json.loads((b / "manifest.json").read_text())
+        m["groups"][0]["t_hi"] += 1  # a hand edit (the checksum is left as it was)
+        (b / "manifest.json").write_text(json.dumps(m, indent=1))
+        expect_failure(args, b, ["manifest.json", "modified after compile"])
+        (b / "manifest.json").unlink()
+        expect_failure(args, b, ["not a dyc bundle"])
+    elif case == "bad_args":
+        tiny = args.work / "tiny.dyc"
+        expect_failure(args, tiny, ["unknown sampler 'euler'"], ["--sampler", "euler"], code=2)
+        expect_failure(args, tiny, ["3 class ids for a batch of 2"], ["--classes", "1,2,3"])
+        expect_failure(args, tiny, ["class id 10 is out of range"], ["--classes", "1,10"])
+        expect_failure(args, args.work / "nonexistent.dyc", ["no such bundle directory"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("case")
+    ap.add_argument("--repo", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--dyc-sample", type=Path, required=True)
+    args = ap.parse_args()
+    if args.case == "setup":
+        setup(args)
+    elif args.case in SAMPLING:
+        sample_case(args, args.case)
+    else:
+        bad_case(args, args.case)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
