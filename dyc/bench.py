@@ -112,7 +112,7 @@ def _eager_runners(ck, setup: BenchSetup) -> tuple[_Runner, _Runner | None]:
 
 
 def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]:
-    from .backends.torch_sliced import GraphRunner, GroupLayout, SlicedDiT
+    from .backends.torch_sliced import GraphRunner, GroupLayout, SharedWeights, SlicedDiT
     from .compiler.analyse import analyse, architectures
     from .compiler.group import group_of, partition
 
@@ -136,8 +136,9 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
     ana = analyse(ck.model, setup.schedule, calib=calib, progress=lambda m: print(m, file=sys.stderr))
     arch_of_t, ah, ac = architectures(ana.head, ana.channel)
     groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule)
-    mods = [SlicedDiT(cfg, sd, GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel), dtype=dt, device=dev)
-            for g in groups]
+    layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in groups]
+    shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
+    mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared) for lay in layouts]
     runner = GraphRunner(mods) if use_graphs else None
     head = torch.from_numpy(ana.head).to(dev)
     chan = torch.from_numpy(ana.channel).to(dev)
@@ -162,7 +163,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
         return runner(g.index, inputs) if use_graphs else mods[g.index](**inputs)
 
     gmap = {t: group_of(groups, t).gflops for t in setup.schedule}
-    weights = [w for m in mods for w in m.weight_tensors()]
+    weights = shared.tensors()
     print(f"torch backend: {len(groups)} groups, {ana.num_architectures} distinct architectures", file=sys.stderr)
     return static_row, _Runner("torch", dyn_call, lambda t: gmap[t], weights)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 
-from dyc.backends.torch_sliced import GroupLayout, SlicedDiT
+from dyc.backends.torch_sliced import GroupLayout, SharedWeights, SlicedDiT
 
 
 def _layout_for(hm: np.ndarray, cm: np.ndarray) -> tuple[GroupLayout, np.ndarray, np.ndarray]:
@@ -41,5 +41,38 @@ def test_sliced_union_matches_eager_at_every_member_t(dynamic):
         got = sliced(x, ts, y, head_mask=torch.from_numpy(hslot), channel_mask=torch.from_numpy(cslot))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the sliced weights really are narrower: no zero head is materialised
-    qkv = sum(layer["attn.qkv.weight"].shape[0] for layer in sliced.layers)
+    qkv = sum(layer["qkv_w"].shape[0] for layer in sliced.layers)
     assert qkv == 3 * cfg.head_dim * sum(map(len, layout.heads))
+
+
+def test_groups_share_one_copy_of_weights():
+    """Nested groups take views of one store; a layer that is not a prefix gets a copy; outputs stay exact."""
+    cfg = tiny_config(depth=2)
+    model = random_model(cfg, seed=6, router_scale=3.0)
+    H = cfg.num_heads
+    full = GroupLayout([list(range(H))] * 2, [list(range(H))] * 2, [False] * 2, [False] * 2)
+    narrow = GroupLayout([[0, 2], [0]], [[0, 2, 3], [0, 1]], [True, False], [False, True])
+    # layer 0 heads {3}: not a prefix of the use order (0, 2, 3, 1) -> a copy; layer 1 lists its
+    # heads out of storage order, so its mask slots are picked by index
+    odd = GroupLayout([[3], [1, 0]], [[0], [0, 1]], [False, True], [False, False])
+    sd = {k: v.double() for k, v in model.state_dict().items()}  # compare layouts, not float32 rounding
+    shared = SharedWeights(cfg, sd, [full, narrow, odd], dtype=torch.float64)
+    assert shared.head_order[0] == [0, 2, 3, 1]
+    mods = [SlicedDiT(cfg, None, lay, dtype=torch.float64, shared=shared) for lay in (full, narrow, odd)]
+    stored = {v.untyped_storage().data_ptr() for v in shared.tensors()}
+    for layer in mods[0].layers + mods[1].layers:  # views of the one store
+        assert all(v.untyped_storage().data_ptr() in stored for v in layer.values())
+    assert len(shared.copies) == 3  # odd, layer 0: qkv weight, qkv bias, proj weight
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([5, 5]), torch.tensor([1, 2])
+    hm = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]] * 2)
+    cm = torch.tensor([[[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]] * 2)
+    for lay, mod in zip((full, narrow, odd), mods, strict=True):
+        own = SlicedDiT(cfg, sd, lay, dtype=torch.float64)  # a private store: plain slicing in the layout's own order
+        with torch.no_grad():
+            got = mod(x, t, y, head_mask=hm, channel_mask=cm)
+            torch.testing.assert_close(got, own(x, t, y, head_mask=hm, channel_mask=cm), rtol=1e-10, atol=1e-10)
+    # odd with layer 1's slot for head 1 off equals a layout with only head 0 there
+    only0 = GroupLayout([[3], [0]], [[0], [0, 1]], [False, False], [False, False])
+    with torch.no_grad():
+        torch.testing.assert_close(mods[2](x, t, y, head_mask=hm), SlicedDiT(cfg, sd, only0, dtype=torch.float64)(x, t, y),
+                                   rtol=1e-10, atol=1e-10)

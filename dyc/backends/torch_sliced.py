@@ -31,8 +31,9 @@ class GroupLayout:
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm (no affine, eps 1e-6, fp32 statistics) then adaLN modulate."""
-    xf = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
-    return (xf * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(x.dtype)
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xf = F.layer_norm(x.to(wide), x.shape[-1:], eps=1e-6)
+    return (xf * (1 + scale.to(wide).unsqueeze(1)) + shift.to(wide).unsqueeze(1)).to(x.dtype)
 
 
 def gate_residual(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,47 +72,144 @@ def sdt_mlp_torch(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask, gro
     return x + keep.unsqueeze(-1) * gate.unsqueeze(1) * y
 
 
+class SharedWeights:
+    """One copy of the model's weights on the device, shared by every group's engine.
+
+    Per layer, heads and channel groups are stored in one order: by how many groups use them,
+    most first. A group whose units of a layer are a prefix of that order takes views (qkv is
+    stored head-major, so a prefix of heads is a prefix of rows; proj/fc2 take column slices,
+    which GEMMs read in place); any other layer gets a sliced copy.
+    """
+
+    def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layouts: Sequence[GroupLayout],
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.sd = sd
+        h, c, dh, gs = cfg.num_heads, cfg.hidden_size, cfg.head_dim, cfg.group_size
+
+        def w(name: str) -> torch.Tensor:
+            return sd[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.common = {k: w(k) for k in (
+            "x_embedder.proj.weight", "x_embedder.proj.bias", "pos_embed", "t_embedder.mlp.0.weight",
+            "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+            "y_embedder.embedding_table.weight", "final_layer.adaLN_modulation.1.weight",
+            "final_layer.adaLN_modulation.1.bias", "final_layer.linear.weight", "final_layer.linear.bias")}
+        # all adaLN modulations in one GEMM: c -> [B, L * 6C]
+        self.common["ada_w"] = torch.cat([w(f"blocks.{l}.adaLN_modulation.1.weight") for l in range(cfg.depth)])
+        self.common["ada_b"] = torch.cat([w(f"blocks.{l}.adaLN_modulation.1.bias") for l in range(cfg.depth)])
+        self.head_order: list[list[int]] = []
+        self.group_order: list[list[int]] = []
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.copies: list[torch.Tensor] = []  # sliced copies made for layers that are not prefixes
+        for l in range(cfg.depth):
+            p = f"blocks.{l}."
+            ho = self._order([lay.heads[l] for lay in layouts], h)
+            go = self._order([lay.channels[l] for lay in layouts], h)
+            self.head_order.append(ho)
+            self.group_order.append(go)
+            hi, gi = torch.tensor(ho), torch.tensor(go)
+            qkv_w = sd[p + "attn.qkv.weight"].view(3, h, dh, c).permute(1, 0, 2, 3)[hi].reshape(-1, c)
+            qkv_b = sd[p + "attn.qkv.bias"].view(3, h, dh).permute(1, 0, 2)[hi].reshape(-1)
+            layer = {
+                "qkv_w": qkv_w, "qkv_b": qkv_b,
+                "proj_w": sd[p + "attn.proj.weight"].view(c, h, dh)[:, hi].reshape(c, -1),
+                "proj_b": sd[p + "attn.proj.bias"],
+                "fc1_w": sd[p + "mlp.fc1.weight"].view(h, gs, c)[gi].reshape(-1, c),
+                "fc1_b": sd[p + "mlp.fc1.bias"].view(h, gs)[gi].reshape(-1),
+                "fc2_w": sd[p + "mlp.fc2.weight"].view(c, h, gs)[:, gi].reshape(c, -1),
+                "fc2_b": sd[p + "mlp.fc2.bias"],
+            }
+            if cfg.dynamic:
+                for i in (0, 2):
+                    layer[f"tok{i}_w"] = sd[f"{p}token_selection.mlp_head.{i}.weight"]
+                    layer[f"tok{i}_b"] = sd[f"{p}token_selection.mlp_head.{i}.bias"]
+            self.layers.append({k: v.to(device=self.device, dtype=dtype).contiguous() for k, v in layer.items()})
+
+    @staticmethod
+    def _order(sets: Sequence[Sequence[int]], n: int) -> list[int]:
+        """Units used by any group, most-used first (nested sets become prefixes)."""
+        count = [0] * n
+        for s in sets:
+            for u in s:
+                count[u] += 1
+        return sorted((u for u in range(n) if count[u]), key=lambda u: (-count[u], u))
+
+    def layer_views(self, l: int, heads: Sequence[int], groups: Sequence[int]):
+        """Weights of layer l for these units, and the unit order they come in."""
+        cfg, base = self.cfg, self.layers[l]
+        dh, gs = cfg.head_dim, cfg.group_size
+        ho, go = self.head_order[l], self.group_order[l]
+        out = {k: base[k] for k in ("proj_b", "fc2_b") + (("tok0_w", "tok0_b", "tok2_w", "tok2_b")
+                                                        if cfg.dynamic else ())}
+        if set(heads) == set(ho[: len(heads)]):
+            k = len(heads)
+            out.update(qkv_w=base["qkv_w"][: 3 * dh * k], qkv_b=base["qkv_b"][: 3 * dh * k],
+                       proj_w=base["proj_w"][:, : dh * k])
+            head_units = ho[:k]
+        else:
+            idx = torch.tensor([ho.index(u) for u in heads], device=self.device)
+            rows = (idx[:, None] * 3 * dh + torch.arange(3 * dh, device=self.device)).reshape(-1)
+            cols = (idx[:, None] * dh + torch.arange(dh, device=self.device)).reshape(-1)
+            out.update(qkv_w=base["qkv_w"][rows].contiguous(), qkv_b=base["qkv_b"][rows].contiguous(),
+                       proj_w=base["proj_w"][:, cols].contiguous())
+            self.copies += [out["qkv_w"], out["qkv_b"], out["proj_w"]]
+            head_units = list(heads)
+        if set(groups) == set(go[: len(groups)]):
+            k = len(groups)
+            out.update(fc1_w=base["fc1_w"][: gs * k], fc1_b=base["fc1_b"][: gs * k], fc2_w=base["fc2_w"][:, : gs * k])
+            group_units = go[:k]
+        else:
+            idx = torch.tensor([go.index(u) for u in groups], device=self.device)
+            units = (idx[:, None] * gs + torch.arange(gs, device=self.device)).reshape(-1)
+            out.update(fc1_w=base["fc1_w"][units].contiguous(), fc1_b=base["fc1_b"][units].contiguous(),
+                       fc2_w=base["fc2_w"][:, units].contiguous())
+            self.copies += [out["fc1_w"], out["fc1_b"], out["fc2_w"]]
+            group_units = list(groups)
+        return out, head_units, group_units
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.common.values()) + [v for layer in self.layers for v in layer.values()] + self.copies
+
+
 class SlicedDiT(nn.Module):
     """One group's engine: the DiT with only its union of heads and channel groups.
 
     Inputs follow the group ONNX graphs: ``x``, ``t``, ``y`` and, where the group's members
     differ, ``head_mask`` [B, L, head_slots] / ``channel_mask`` [B, L, channel_slots] whose
-    slot s of layer l is the mask of ``layout.heads[l][s]``.
+    slot s of layer l is the mask of ``layout.heads[l][s]`` (``layout.channels[l][s]``).
+    Weights are views into ``shared`` wherever the layout allows.
     """
 
-    def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layout: GroupLayout,
+    def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor] | None, layout: GroupLayout,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", use_kernel: bool = True,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, shared: SharedWeights | None = None):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         dev = torch.device(device)
-
-        def w(name: str) -> torch.Tensor:
-            return sd[name].to(device=dev, dtype=dtype).contiguous()
-
-        from ..compiler.slice import slice_layer
-
-        self.patch_w, self.patch_b = w("x_embedder.proj.weight"), w("x_embedder.proj.bias")
-        self.pos = w("pos_embed")
-        self.t_w1, self.t_b1 = w("t_embedder.mlp.0.weight"), w("t_embedder.mlp.0.bias")
-        self.t_w2, self.t_b2 = w("t_embedder.mlp.2.weight"), w("t_embedder.mlp.2.bias")
-        self.y_table = w("y_embedder.embedding_table.weight")
-        # all adaLN modulations in one GEMM: c -> [B, L * 6C]
-        self.ada_w = torch.cat([w(f"blocks.{l}.adaLN_modulation.1.weight") for l in range(cfg.depth)], 0)
-        self.ada_b = torch.cat([w(f"blocks.{l}.adaLN_modulation.1.bias") for l in range(cfg.depth)], 0)
+        if shared is None:
+            shared = SharedWeights(cfg, sd, [layout], dtype, dev)
+        self.shared = shared
+        cm = shared.common
+        self.patch_w, self.patch_b = cm["x_embedder.proj.weight"], cm["x_embedder.proj.bias"]
+        self.pos = cm["pos_embed"]
+        self.t_w1, self.t_b1 = cm["t_embedder.mlp.0.weight"], cm["t_embedder.mlp.0.bias"]
+        self.t_w2, self.t_b2 = cm["t_embedder.mlp.2.weight"], cm["t_embedder.mlp.2.bias"]
+        self.y_table = cm["y_embedder.embedding_table.weight"]
+        self.ada_w, self.ada_b = cm["ada_w"], cm["ada_b"]
+        self.f_ada_w = cm["final_layer.adaLN_modulation.1.weight"]
+        self.f_ada_b = cm["final_layer.adaLN_modulation.1.bias"]
+        self.f_w, self.f_b = cm["final_layer.linear.weight"], cm["final_layer.linear.bias"]
         self.layers = []
+        self.head_pick: list[torch.Tensor | None] = []  # mask slot of each stored head, where not identity
+        self.group_pick: list[torch.Tensor | None] = []
         for l in range(cfg.depth):
-            s = slice_layer(cfg, sd, l, layout.heads[l], layout.channels[l])
-            p = f"blocks.{l}."
-            layer = {k.removeprefix(p): v.to(device=dev, dtype=dtype).contiguous() for k, v in s.items()}
-            if cfg.dynamic:
-                for i in (0, 2):
-                    layer[f"tok{i}.weight"] = w(f"{p}token_selection.mlp_head.{i}.weight")
-                    layer[f"tok{i}.bias"] = w(f"{p}token_selection.mlp_head.{i}.bias")
+            layer, hu, gu = shared.layer_views(l, layout.heads[l], layout.channels[l])
             self.layers.append(layer)
-        self.f_ada_w = w("final_layer.adaLN_modulation.1.weight")
-        self.f_ada_b = w("final_layer.adaLN_modulation.1.bias")
-        self.f_w, self.f_b = w("final_layer.linear.weight"), w("final_layer.linear.bias")
+            hp = [list(layout.heads[l]).index(u) for u in hu]
+            gp = [list(layout.channels[l]).index(u) for u in gu]
+            self.head_pick.append(None if hp == sorted(hp) else torch.tensor(hp, device=dev))
+            self.group_pick.append(None if gp == sorted(gp) else torch.tensor(gp, device=dev))
         kernel, _ = _sdt_mlp_op()
         self.kernel = kernel if (use_kernel and dev.type == "cuda") else None
         fuse = dev.type == "cuda" if fuse is None else fuse
@@ -119,13 +217,10 @@ class SlicedDiT(nn.Module):
         self.gate_res = _fused(gate_residual) if fuse else gate_residual
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        ts = [self.patch_w, self.patch_b, self.pos, self.t_w1, self.t_b1, self.t_w2, self.t_b2, self.y_table,
-              self.ada_w, self.ada_b, self.f_ada_w, self.f_ada_b, self.f_w, self.f_b]
-        return ts + [v for layer in self.layers for v in layer.values()]
+        return self.shared.tensors()
 
     def _mlp(self, x, shift, scale, gate, keep, layer, cmask):
-        args = (x, shift, scale, gate, keep, layer["mlp.fc1.weight"], layer["mlp.fc1.bias"],
-                layer["mlp.fc2.weight"], layer["mlp.fc2.bias"])
+        args = (x, shift, scale, gate, keep, layer["fc1_w"], layer["fc1_b"], layer["fc2_w"], layer["fc2_b"])
         if self.kernel is not None:
             return self.kernel(*args, channel_mask=cmask, group_size=self.cfg.group_size)
         return sdt_mlp_torch(*args, cmask, self.cfg.group_size)
@@ -144,26 +239,30 @@ class SlicedDiT(nn.Module):
             sh1, sc1, g1, sh2, sc2, g2 = mods[:, l].unbind(1)
             nh = len(lay.heads[l])
             a = self.ln_mod(h, sh1, sc1)
-            qkv = F.linear(a, layer["attn.qkv.weight"], layer["attn.qkv.bias"])
-            q, k, v = qkv.view(b, -1, 3, nh, dh).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = F.linear(a, layer["qkv_w"], layer["qkv_b"])  # head-major: [B, N, nh, 3, Dh]
+            q, k, v = qkv.view(b, -1, nh, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)
             o = F.scaled_dot_product_attention(q, k, v)  # [B, nh, N, Dh]
             if lay.vary_head[l]:
-                o = o * head_mask[:, l, :nh, None, None].to(dt)
+                hm = head_mask[:, l, :nh] if self.head_pick[l] is None else head_mask[:, l, self.head_pick[l]]
+                o = o * hm[:, :, None, None].to(dt)
             o = o.transpose(1, 2).reshape(b, -1, nh * dh)
-            h = self.gate_res(h, g1, F.linear(o, layer["attn.proj.weight"], layer["attn.proj.bias"]))
+            h = self.gate_res(h, g1, F.linear(o, layer["proj_w"], layer["proj_b"]))
             ng = len(lay.channels[l])
-            cmask = channel_mask[:, l, :ng].to(dt) if lay.vary_channel[l] else None
+            cmask = None
+            if lay.vary_channel[l]:
+                pick = self.group_pick[l]
+                cmask = (channel_mask[:, l, :ng] if pick is None else channel_mask[:, l, pick]).to(dt)
             if cfg.dynamic:
-                logit = F.linear(F.relu(F.linear(h, layer["tok0.weight"], layer["tok0.bias"])),
-                                 layer["tok2.weight"], layer["tok2.bias"]).squeeze(-1)
+                logit = F.linear(F.relu(F.linear(h, layer["tok0_w"], layer["tok0_b"])),
+                                 layer["tok2_w"], layer["tok2_b"]).squeeze(-1)
                 keep = (torch.sigmoid(logit) > 0.5).to(dt)
                 h = self._mlp(h, sh2, sc2, g2, keep, layer, cmask)
             else:  # a plain DiT: every token, no gather/scatter
                 m = self.ln_mod(h, sh2, sc2)
-                u = F.linear(m, layer["mlp.fc1.weight"], layer["mlp.fc1.bias"])
+                u = F.linear(m, layer["fc1_w"], layer["fc1_b"])
                 if cmask is not None:
                     u = (u.unflatten(-1, (ng, -1)) * cmask[:, None, :, None]).flatten(-2)
-                u = F.linear(F.gelu(u, approximate="tanh"), layer["mlp.fc2.weight"], layer["mlp.fc2.bias"])
+                u = F.linear(F.gelu(u, approximate="tanh"), layer["fc2_w"], layer["fc2_b"])
                 h = self.gate_res(h, g2, u)
         shift, scale = F.linear(F.silu(c), self.f_ada_w, self.f_ada_b).chunk(2, dim=1)
         out = F.linear(self.ln_mod(h, shift, scale), self.f_w, self.f_b)
