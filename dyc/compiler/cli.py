@@ -1,0 +1,72 @@
+"""Click commands ``compile`` and ``verify`` (registered on ``dyc.cli.main`` by the CLI module)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _progress(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command("compile")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--lambda", "lambda_", type=float, default=None,
+              help="target FLOPs ratio λ in (0, 1] over the schedule; raises router thresholds if needed")
+@click.option("--groups", "groups", type=int, default=None,
+              help="at most K engines (default: smallest K ≤ 8 within 2% of one per architecture)")
+@click.option("--sampler", default="ddim", show_default=True, help="schedule to group for: ddim, ddpm, dpm-solver++")
+@click.option("--steps", type=int, default=None, help="sampling steps (default: 50 ddim, 250 ddpm, 20 dpm-solver++)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--calib", type=int, default=2, show_default=True,
+              help="calibration samples for SDT keep rates (each also run with the null class)")
+@click.option("--calib-steps", type=int, default=10, show_default=True,
+              help="timesteps of the calibration trajectory (picked from the schedule)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", "output", default=None, help="bundle directory NAME.dyc (default: checkpoint name)")
+def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, sampler: str, steps: int | None,
+                dtype: str, calib: int, calib_steps: int, seed: int, output: str | None) -> None:
+    """Compile a DiT/DyDiT CHECKPOINT into a bundle of sliced per-group ONNX graphs."""
+    from pathlib import Path
+
+    from .compile import compile_checkpoint
+
+    out = output or str(Path(checkpoint).with_suffix(".dyc").name)
+    # DycError propagates: dyc.cli.main prints it as one line and exits non-zero
+    r = compile_checkpoint(checkpoint, out, lambda_target=lambda_, groups=groups, sampler=sampler, steps=steps,
+                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=_progress)
+    p, m = r.plan, r.manifest
+    lam = m["lambda"]
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"{m['model']['name']} -> {r.path}  ({len(p.groups)} group(s), {p.dtype}, {size / 2**20:.1f} MiB, "
+               f"{r.seconds:.1f} s)")
+    click.echo(f"schedule: {p.sampler} {p.steps} steps; {len(p.architectures)} distinct architectures over t=0..999")
+    tgt = "none (trained thresholds)" if lam["target"] is None else f"{lam['target']:g}"
+    click.echo(f"λ target {tgt}; trained {lam['trained']:.4f}; model {lam['model']:.4f}; "
+               f"realized by the engines {lam['realized']:.4f} (ONNX-counted {lam['onnx_counted']:.4f})")
+    for note in m["notes"]:
+        click.echo(f"WARNING: {note}")
+    click.echo(r.table)
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="source checkpoint (default: the path recorded in the manifest)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tolerance", type=float, default=None, help="relative error bound (default: 1e-4 fp32, 1e-2 fp16)")
+def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, seed: int,
+               tolerance: float | None) -> None:
+    """Run every group's ONNX through ONNX Runtime (CPU) against the eager model; non-zero exit above tolerance."""
+    from .verify import verify_bundle
+
+    rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
+                        progress=None if as_json else _progress)
+    click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
+    if not rep.ok:
+        sys.exit(1)
