@@ -30,7 +30,7 @@ from .timesteps import sampler_timesteps
 
 ROWS = ("eager", "eager-dydit", "torch-static", "torch", "onnxruntime", "tensorrt")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_TOL = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 5e-2}  # relative to the reference's max magnitude
+_TOL = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 5e-2}  # relative L2 error against the reference
 
 
 @dataclass
@@ -45,7 +45,8 @@ class Row:
     speedup_vs_static: float | None = None  # over the same backend's full-width DiT
     flops_ideal: float | None = None  # static GFLOPs / this row's GFLOPs
     share_of_ideal: float | None = None  # speedup_vs_static / flops_ideal
-    max_rel_err: float | None = None
+    max_rel_err: float | None = None  # max |a-b| / max |b| over the checked steps
+    rel_l2_err: float | None = None  # ||a-b|| / ||b||, the pass criterion
     weight_bytes: int | None = None
     peak_activation_bytes: int | None = None
 
@@ -209,15 +210,21 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     return row
 
 
-def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> float:
-    """Max relative error against the reference row at a few t of the schedule (every group gets hit)."""
+def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> tuple[float, float]:
+    """Max and relative-L2 error against the reference row at a few t of the schedule.
+
+    In bf16/fp16 a router logit within rounding of its threshold can flip a token or head
+    between two correct implementations; such a flip moves a few elements a lot and the L2
+    error a little, so the pass criterion is the relative L2 error.
+    """
     ts = setup.schedule[:: max(1, len(setup.schedule) // 8)] + [setup.schedule[-1]]
-    worst = 0.0
+    worst = l2 = 0.0
     with torch.no_grad():
         for t in ts:
             a, b = runner.call(x, t, y).float(), ref.call(x, t, y).float()
             worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)))
-    return worst
+            l2 = max(l2, float((a - b).norm() / b.norm().clamp_min(1e-12)))
+    return worst, l2
 
 
 def run_bench(
@@ -283,15 +290,17 @@ def run_bench(
         r = runners[name]
         # each row against its own eager semantics: compiled DyDiT vs the masked model, static vs full width
         ref = runners["eager-dydit"] if name == "torch" else runners["eager"]
-        err = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else 0.0
-        if err > _TOL[dtype]:
-            rows[name] = Row(name, status=f"failed check: max relative error {err:.2e} > {_TOL[dtype]:.0e}",
-                             max_rel_err=err)
+        err, l2 = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0)
+        if l2 > _TOL[dtype]:
+            rows[name] = Row(name, status=f"failed check: relative L2 error {l2:.2e} > {_TOL[dtype]:.0e} "
+                             f"(max {err:.2e})", max_rel_err=err, rel_l2_err=l2)
+            print(f"{name}: {rows[name].status}", file=sys.stderr)
             continue
         print(f"timing {name} ...", file=sys.stderr)
         row = _measure(r, setup, x, y, repeats)
-        row.max_rel_err = err
+        row.max_rel_err, row.rel_l2_err = err, l2
         rows[name] = row
+        print(f"{name}: {row.step_ms:.3f} ms/step, {row.s_per_image:.4f} s/image, rel L2 {l2:.1e}", file=sys.stderr)
     base = rows.get("eager")
     static = rows.get("torch-static")
     sg = static_gflops(cfg)
@@ -325,7 +334,7 @@ def format_report(rep: dict) -> str:
         f"batch {rep['batch']}{' with CFG (' + str(rep['model_batch']) + ' rows)' if rep['cfg'] else ''}, "
         f"{rep['sampler']}-{rep['steps']}",
         f"{'backend':<13} {'ms/step':>9} {'s/image':>9} {'GFLOPs':>8} {'vs eager':>9} {'vs static':>9} "
-        f"{'ideal':>6} {'share':>6} {'rel err':>8}",
+        f"{'ideal':>6} {'share':>6} {'L2 err':>8}",
     ]
 
     def f(v, fmt, unit=""):
@@ -340,7 +349,7 @@ def format_report(rep: dict) -> str:
             f"{r['backend']:<13}", f(r["step_ms"], "9.3f"), f(r["s_per_image"], "9.4f"),
             f(r["gflops_per_step"], "8.2f"), f(r["speedup_vs_eager"], "8.2f", "x"),
             f(r["speedup_vs_static"], "8.2f", "x"), f(r["flops_ideal"], "5.2f", "x"),
-            f(r["share_of_ideal"], "6.0%"), f(r["max_rel_err"], "8.1e"),
+            f(r["share_of_ideal"], "6.0%"), f(r["rel_l2_err"], "8.1e"),
         ]))
     return "\n".join(lines)
 

@@ -195,26 +195,19 @@ def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, js
 
 
 # ---------------------------------------------------------------------------------------------
-def _register_optional_commands() -> None:
-    """Commands of later subsystems, registered when their modules are present."""
-    try:
-        from .compiler.cli import compile_cmd, verify_cmd
-    except ImportError:
-        return
+def _register_subsystem_commands() -> None:
+    """Commands that live beside their subsystems (imports stay light: heavy modules load on use)."""
+    from .compiler.cli import compile_cmd, verify_cmd
+    from .runtime.cli import run_cmd
+    from .tensorrt.cli import build_engines_cmd
+
     cli.add_command(compile_cmd, "compile")
     cli.add_command(verify_cmd, "verify")
-
-
-_register_optional_commands()
-
-
-def _register_run() -> None:
-    from .runtime.cli import run_cmd
-
     cli.add_command(run_cmd, "run")
+    cli.add_command(build_engines_cmd, "build-engines")
 
 
-_register_run()
+_register_subsystem_commands()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 # torch 2.13.0 is the CPU build this workplace keeps on disk; elsewhere any torch >= 2.4 works
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,tensorrt-rtx]'
 # C++ runtime (engines/): a JSON library and ONNX Runtime headers + library
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq nlohmann-json3-dev >/dev/null

@@ -27,8 +27,15 @@ def _progress(msg: str) -> None:
               help="timesteps of the calibration trajectory (picked from the schedule)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "output", default=None, help="bundle directory NAME.dyc (default: checkpoint name)")
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: the bundle's ONNX graphs (ONNX Runtime, torch); tensorrt: also build one engine per group")
+@click.option("--batch-sizes", default="1,16,32", show_default=True,
+              help="with --backend tensorrt: images per sampler call the engines cover (CFG doubles them)")
+@click.option("--trt-flavor", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto",
+              show_default=True, help="with --backend tensorrt: datacenter TensorRT or TensorRT-RTX")
 def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, sampler: str, steps: int | None,
-                dtype: str, calib: int, calib_steps: int, seed: int, output: str | None) -> None:
+                dtype: str, calib: int, calib_steps: int, seed: int, output: str | None, backend: str,
+                batch_sizes: str, trt_flavor: str) -> None:
     """Compile a DiT/DyDiT CHECKPOINT into a bundle of sliced per-group ONNX graphs."""
     from pathlib import Path
 
@@ -50,6 +57,12 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
     for note in m["notes"]:
         click.echo(f"WARNING: {note}")
     click.echo(r.table)
+    if backend == "tensorrt":  # engines are a separate, rebuildable step: `dyc build-engines` redoes it alone
+        from ..tensorrt.build import build_engines
+
+        em = build_engines(r.path, batch_sizes, trt_flavor, progress=_progress)
+        click.echo(f"engines: {len(em['engines'])} plan(s), {em['flavor']} {em['tensorrt_version']}, "
+                   f"SDT {em['sdt_form']} -> {r.path}/engines/")
 
 
 @click.command("verify")
