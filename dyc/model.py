@@ -170,12 +170,12 @@ class DiTBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, *, complete: bool, gate: Gate,
-        offset: float = 0.0, record: dict | None = None,
+        offset: float = 0.0, record: dict | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         mh = mc = mt = None
         if self.dynamic and not complete:
-            mh, mc = self.tdw_masks(temb, gate, offset)
+            mh, mc = self.tdw_masks(temb, gate, offset) if masks is None else (m.to(x.dtype) for m in masks)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), mh)
         if self.dynamic and not complete:
             mt = gate(self.token_selection(x), "token")  # on x after the attention residual
@@ -210,6 +210,8 @@ class DyDiT(nn.Module):
     official flag of the same name); ``return_masks=True`` also returns the masks of the call
     (``head``/``channel`` [B, L, H] and ``token`` [B, L, N], 0/1 floats).
     ``threshold_offset`` is subtracted from the TDW router logits (the compiler's budget knob).
+    ``tdw_masks=(head, channel)``, each [B, L, H], replaces the TDW routers' decisions (e.g. with
+    masks decided in fp32 while the model runs in bf16, as a compiled bundle does).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -240,11 +242,14 @@ class DyDiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, complete_model: bool = False,
         return_masks: bool = False, threshold_offset: float = 0.0,
+        tdw_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         h, c, temb = self.embed(x, t, y)
         record: dict | None = {} if return_masks else None
-        for block in self.blocks:
-            h = block(h, c, temb, complete=complete_model, gate=self.gate, offset=threshold_offset, record=record)
+        for l, block in enumerate(self.blocks):
+            masks = None if tdw_masks is None else (tdw_masks[0][:, l], tdw_masks[1][:, l])
+            h = block(h, c, temb, complete=complete_model, gate=self.gate, offset=threshold_offset, record=record,
+                      masks=masks)
         out = self.unpatchify(self.final_layer(h, c))
         if not return_masks:
             return out

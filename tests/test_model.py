@@ -238,3 +238,18 @@ def test_masks_depend_on_t_only():
     assert torch.equal(m["head"], hm) and torch.equal(m["channel"], cm)
     assert torch.equal(m["head"][0], m["head"][1])  # same t, different x and y
     assert hm[:, :, 0].eq(1).all() and cm[:, :, 0].eq(1).all()  # head 0 and group 0 always on
+
+
+def test_given_tdw_masks_replace_the_routers():
+    model = random_model(tiny_config(depth=3), seed=8, router_scale=3.0)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 9])
+    t_a, t_b = torch.tensor([50, 50]), torch.tensor([900, 900])
+    with torch.no_grad():
+        hm, cm = model.tdw_masks(t_b)
+        assert not torch.equal(hm, model.tdw_masks(t_a)[0])
+        # masks of t_b forced at t_a: the TDW part follows t_b's architecture, the rest t_a
+        forced, m = model(x, t_a, y, tdw_masks=(hm, cm), return_masks=True)
+        assert torch.equal(m["head"], hm) and torch.equal(m["channel"], cm)
+        same = model(x, t_a, y, tdw_masks=model.tdw_masks(t_a))
+        torch.testing.assert_close(same, model(x, t_a, y), rtol=0, atol=0)
+        assert not torch.allclose(forced, same)
