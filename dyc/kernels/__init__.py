@@ -1,0 +1,1 @@
+"""Native kernels of dyc (CUDA, built by the top-level CMakeLists.txt) and their PyTorch references."""

@@ -1,0 +1,216 @@
+// ONNX Runtime custom-op library: dyc::SdtMlp.
+//
+//   session_options.register_custom_ops_library("libdyc_ort_ops.so")
+//
+// Node: domain "dyc", op "SdtMlp", inputs (x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b,
+// [channel_mask]) all of one element type, output y (shape of x); attributes group_size (int,
+// default: hidden / channel_mask groups, or hidden) and eps (float, default 1e-6).
+//
+// CUDA EP: float, float16 and bfloat16 kernels, all through the C ABI of libdyc_plugins
+// (dyc_sdt_mlp_forward) on ORT's compute stream with scratch from ORT's allocator.
+// CPU EP: a float kernel with the same maths in plain C++ (small graphs, tests; the compiler's
+// decomposed graph is the fast CPU route).
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dyc_sdt_mlp.h"
+
+namespace {
+
+constexpr const char* kDomain = "dyc";
+constexpr const char* kOpName = "SdtMlp";
+constexpr size_t kNumInputs = 10;
+
+struct Attrs {
+  int64_t group_size = 0;  // 0: derive from the inputs
+  float eps = 1e-6f;
+};
+
+Attrs read_attrs(const OrtKernelInfo* info) {
+  Ort::ConstKernelInfo ki(info);
+  Attrs a;
+  try {
+    a.group_size = ki.GetAttribute<int64_t>("group_size");
+  } catch (const Ort::Exception&) {
+  }
+  try {
+    a.eps = ki.GetAttribute<float>("eps");
+  } catch (const Ort::Exception&) {
+  }
+  return a;
+}
+
+struct Dims {
+  int64_t B, N, C, Hs, gs;
+  bool has_mask;
+};
+
+// Shapes of the inputs against each other; throws Ort::Exception on mismatch.
+Dims check_shapes(Ort::KernelContext& ctx, const Attrs& at) {
+  auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
+  const auto xs = shape(0);
+  if (xs.size() != 3) ORT_CXX_API_THROW("SdtMlp: x must be [B, N, C]", ORT_INVALID_ARGUMENT);
+  Dims d{xs[0], xs[1], xs[2], 0, 0, false};
+  const auto w1 = shape(5);
+  if (w1.size() != 2 || w1[1] != d.C) ORT_CXX_API_THROW("SdtMlp: fc1_w must be [Hs, C]", ORT_INVALID_ARGUMENT);
+  d.Hs = w1[0];
+  const size_t n_in = ctx.GetInputCount();
+  d.has_mask = n_in > 9 && static_cast<const OrtValue*>(ctx.GetInput(9)) != nullptr;
+  int64_t groups = 0;
+  if (d.has_mask) {
+    const auto m = shape(9);
+    if (m.size() != 2 || m[0] != d.B) ORT_CXX_API_THROW("SdtMlp: channel_mask must be [B, G]", ORT_INVALID_ARGUMENT);
+    groups = m[1];
+  }
+  d.gs = at.group_size > 0 ? at.group_size : (groups > 0 ? d.Hs / groups : d.Hs);
+  if (d.gs <= 0 || d.Hs % d.gs || (groups > 0 && groups * d.gs != d.Hs))
+    ORT_CXX_API_THROW("SdtMlp: hidden is not channel_mask groups x group_size", ORT_INVALID_ARGUMENT);
+  const std::vector<std::vector<int64_t>> want = {
+      {d.B, d.C}, {d.B, d.C}, {d.B, d.C}, {d.B, d.N}, {d.Hs, d.C}, {d.Hs}, {d.C, d.Hs}, {d.C}};
+  for (size_t i = 1; i <= 8; ++i)
+    if (shape(i) != want[i - 1])
+      ORT_CXX_API_THROW("SdtMlp: input " + std::to_string(i) + " has the wrong shape", ORT_INVALID_ARGUMENT);
+  return d;
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA EP kernel: one implementation, the C ABI.
+struct SdtMlpCudaKernel {
+  Attrs at;
+  explicit SdtMlpCudaKernel(const OrtKernelInfo* info) : at(read_attrs(info)) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Dims d = check_shapes(ctx, at);
+    auto x = ctx.GetInput(0);
+    const auto et = x.GetTensorTypeAndShapeInfo().GetElementType();
+    int dtype;
+    switch (et) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: dtype = DYC_DTYPE_FLOAT32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: dtype = DYC_DTYPE_FLOAT16; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: dtype = DYC_DTYPE_BFLOAT16; break;
+      default: ORT_CXX_API_THROW("SdtMlp: x must be float, float16 or bfloat16", ORT_INVALID_ARGUMENT);
+    }
+    auto y = ctx.GetOutput(0, {d.B, d.N, d.C});
+    auto ptr = [&](size_t i) { return ctx.GetInput(i).GetTensorRawData(); };
+    const size_t ws_bytes = dyc_sdt_mlp_workspace_size(dtype, d.B, d.N, d.C, d.Hs, d.gs);
+    const int device = x.GetTensorMemoryInfo().GetDeviceId();
+    Ort::MemoryInfo mem("Cuda", OrtArenaAllocator, device, OrtMemTypeDefault);
+    OrtAllocator* alloc = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(mem));
+    if (!alloc) ORT_CXX_API_THROW("SdtMlp: no CUDA allocator for the workspace", ORT_FAIL);
+    // ORT's CUDA arena hands out stream-ordered memory on this compute stream, so freeing right
+    // after the asynchronous launch is safe; the extra 256 bytes let us align the base.
+    void* raw = ws_bytes ? alloc->Alloc(alloc, ws_bytes + 256) : nullptr;
+    void* ws = raw ? reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + 255) & ~uintptr_t(255)) : nullptr;
+    auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
+    const int st = dyc_sdt_mlp_forward(dtype, ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5), ptr(6), ptr(7), ptr(8),
+                                       d.has_mask ? ptr(9) : nullptr, y.GetTensorMutableRawData(), d.B, d.N, d.C,
+                                       d.Hs, d.gs, at.eps, ws, ws_bytes, 0u, stream);
+    if (raw) alloc->Free(alloc, raw);
+    if (st != DYC_STATUS_OK)
+      ORT_CXX_API_THROW(std::string("SdtMlp: dyc_sdt_mlp_forward: ") + dyc_sdt_mlp_status_string(st), ORT_FAIL);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// CPU EP kernel (float): the same maths, token by token, skipping dropped tokens.
+struct SdtMlpCpuKernel {
+  Attrs at;
+  explicit SdtMlpCpuKernel(const OrtKernelInfo* info) : at(read_attrs(info)) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Dims d = check_shapes(ctx, at);
+    auto in = [&](size_t i) { return ctx.GetInput(i).GetTensorData<float>(); };
+    const float *x = in(0), *shift = in(1), *scale = in(2), *gate = in(3), *keep = in(4);
+    const float *w1 = in(5), *b1 = in(6), *w2 = in(7), *b2 = in(8);
+    const float* cm = d.has_mask ? in(9) : nullptr;
+    float* y = ctx.GetOutput(0, {d.B, d.N, d.C}).GetTensorMutableData<float>();
+    const int64_t G = d.Hs / d.gs;
+    std::vector<float> a(d.C), h(d.Hs);
+    for (int64_t b = 0; b < d.B; ++b) {
+      for (int64_t n = 0; n < d.N; ++n) {
+        const float* xr = x + (b * d.N + n) * d.C;
+        float* yr = y + (b * d.N + n) * d.C;
+        for (int64_t c = 0; c < d.C; ++c) yr[c] = xr[c];
+        if (!(keep[b * d.N + n] > 0.5f)) continue;
+        double mean = 0, var = 0;
+        for (int64_t c = 0; c < d.C; ++c) mean += xr[c];
+        mean /= d.C;
+        for (int64_t c = 0; c < d.C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+        const double rstd = 1.0 / std::sqrt(var / d.C + at.eps);
+        for (int64_t c = 0; c < d.C; ++c)
+          a[c] = static_cast<float>((xr[c] - mean) * rstd) * (1.f + scale[b * d.C + c]) + shift[b * d.C + c];
+        for (int64_t j = 0; j < d.Hs; ++j) {
+          double s = b1[j];
+          for (int64_t c = 0; c < d.C; ++c) s += static_cast<double>(w1[j * d.C + c]) * a[c];
+          const double m = cm ? cm[b * G + j / d.gs] : 1.0;
+          const double v = s * m;
+          h[j] = static_cast<float>(0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))));
+        }
+        for (int64_t c = 0; c < d.C; ++c) {
+          double s = b2[c];
+          for (int64_t j = 0; j < d.Hs; ++j) s += static_cast<double>(w2[c * d.Hs + j]) * h[j];
+          yr[c] = xr[c] + gate[b * d.C + c] * static_cast<float>(s);
+        }
+      }
+    }
+  }
+};
+
+template <class Kernel, ONNXTensorElementDataType T>
+struct SdtMlpOp : Ort::CustomOpBase<SdtMlpOp<Kernel, T>, Kernel> {
+  const char* ep;
+  explicit SdtMlpOp(const char* ep_) : ep(ep_) {}
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info); }
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const { return ep; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return T; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == kNumInputs - 1 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                               : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
+};
+
+using CudaF32 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
+using CudaF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
+using CudaBF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>;
+using CpuF32 = SdtMlpOp<SdtMlpCpuKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  // Ops and domain live as long as the process: sessions keep pointers to them.
+  static CudaF32 cuda_f32("CUDAExecutionProvider");
+  static CudaF16 cuda_f16("CUDAExecutionProvider");
+  static CudaBF16 cuda_bf16("CUDAExecutionProvider");
+  static CpuF32 cpu_f32("CPUExecutionProvider");
+  static std::vector<Ort::CustomOpDomain> domains;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  try {
+    Ort::CustomOpDomain domain(kDomain);
+    domain.Add(&cuda_f32);
+    domain.Add(&cuda_f16);
+    domain.Add(&cuda_bf16);
+    domain.Add(&cpu_f32);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e).release();
+  }
+  return nullptr;
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build libdyc_plugins for sm_90a, run the GPU tests, compute-sanitizer
+# on small cases and the SdtMlp benchmark; logs go to $OUT (default ./out). On the H100 device
+# machine the CUTLASS headers come carried in .cutlass/include.
+#   STAGES=build,test,profile,sanitize,bench  ARCHS=90a  BENCH_ARGS=...  bash plugins/scripts/gpu_check.sh
+set -u -o pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+STAGES=${STAGES:-build,test,sanitize,bench}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+if [[ $STAGES == *build* ]]; then
+  start=$(date +%s)
+  { cmake -S . -B build -DDYC_CUDA_ARCHS="${ARCHS:-90a}" -DCUTLASS_DIR="$PWD/.cutlass" -DDYC_BUILD_ENGINES=OFF \
+          -DPython3_EXECUTABLE="$(command -v python3)" && cmake --build build -j"$(nproc)"; } > "$OUT/build.log" 2>&1
+  rc=$?
+  grep -E "error|warning|dyc:" "$OUT/build.log" | head -40
+  echo "build rc=$rc in $(( $(date +%s) - start )) s"
+  [ $rc = 0 ] || exit 1
+fi
+export DYC_PLUGIN_LIB=$PWD/build/lib/libdyc_plugins.so DYC_PLUGIN_BUILD_DIR=$PWD/build
+python3 -c "from dyc.kernels import sdt_mlp as K; print(K.version())"
+
+if [[ $STAGES == *test* ]]; then
+  timeout 300 python3 -m pytest -q -rs -x tests/test_plugins_gpu.py tests/test_plugins_build.py 2>&1 | tail -n 25 \
+    | tee "$OUT/tests.log"
+fi
+if [[ $STAGES == *profile* ]]; then
+  timeout 240 python3 plugins/scripts/profile_sdt_mlp.py --variants default,masked 2>&1 \
+    | tee "$OUT/profile.log"
+fi
+if [[ $STAGES == *sanitize* ]]; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 plugins/scripts/sanitize_case.py 2>&1 \
+    | tail -n 12 | tee "$OUT/sanitizer.log"
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 300 python3 bench/bench_sdt_mlp.py --json "$OUT/bench_sdt_mlp.json" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench.log"
+fi

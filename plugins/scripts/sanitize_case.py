@@ -1,0 +1,34 @@
+"""One small SdtMlp call per path and dtype, for `compute-sanitizer --tool memcheck` (and racecheck)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from dyc.kernels import sdt_mlp as K  # noqa: E402
+
+
+def main() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for generic in (False, True):
+            for b, n, c, groups, gs, rate in ((2, 64, 1152, 3, 288, 0.5), (1, 17, 1152, 2, 288, 0.0),
+                                              (2, 33, 100, 3, 30, 1.0)):
+                hs = groups * gs
+
+                def r(*s, dt=dtype):
+                    return torch.randn(*s, generator=g, device="cuda").to(dt)
+
+                keep = (torch.rand(b, n, generator=g, device="cuda") < rate).to(dtype)
+                cm = torch.ones(b, groups, device="cuda", dtype=dtype)
+                w1, w2 = r(hs, c) * c**-0.5, r(c, hs) * hs**-0.5
+                y = K.sdt_mlp(r(b, n, c), r(b, c), r(b, c), r(b, c), keep, w1, r(hs), w2, r(c), channel_mask=cm,
+                              group_size=gs, force_generic=generic)
+                torch.cuda.synchronize()
+                assert torch.isfinite(y).all()
+    print("sanitize_case: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+// Included by sdt_mlp_sm90_gemm1.cu, sdt_mlp_sm90_gemm1_plain.cu and sdt_mlp_sm90_gemm2.cu (one
+// GEMM per translation unit, so the CUTLASS instantiations compile in parallel).
+//
+// Hopper (sm_90a) GEMMs of the SDT MLP, built from CUTLASS 3.x collectives: TMA loads, wgmma,
+// a warp-specialized producer/consumer pipeline and epilogue visitor trees (EVT) for the fusions.
+//
+// The number of kept tokens lives in device memory, so the host cannot size the grid by it. Two
+// ways to do only the kept rows' work without a host sync:
+//  * "tma": CUTLASS's non-persistent TMA kernel launched for all B*N rows through a thin wrapper
+//    (gemm_kept_rows) that reads the count first; M-tiles at or past it return before any load.
+//  * "coop": CUTLASS's persistent cooperative kernel with KeptRowsScheduler, the persistent tile
+//    scheduler with the tiles past the count filtered out of every CTA's sequence.
+// Either way the work is that of the kept tokens (rounded up to one M-tile).
+//
+// GEMM1 (fc1) with a channel mask: the hidden dimension is batched by channel group (L = G batches
+// of group_size columns; A is shared with batch stride 0, fc1_w and H advance by one group per
+// batch), so the channel-group mask of a token is a per-row vector of batch l: a column broadcast
+// in the EVT.   H = gelu_tanh(mask[l][m] * (acc + fc1_b[l*gs + n]))
+// GEMM1 without a mask: one plain GEMM, H = gelu_tanh(acc + fc1_b[n]).
+// GEMM2 (fc2): D = acc + fc2_b[n]; the gate, the residual and the scatter back to token order run
+// in the finalize kernel (sdt_mlp.cu), which also copies the dropped rows.
+
+#pragma once
+
+#include "sdt_mlp_internal.h"
+
+#if defined(DYC_HAVE_SM90)
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+// 144-wide wgmma atoms (tile N = group_size/2) are behind this switch in CuTe.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/numeric_types.h"
+
+namespace dyc {
+namespace {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+// GELU, tanh approximation (PyTorch's gelu(approximate="tanh")), as x·sigmoid(2u): one fast exp and
+// a reciprocal; exact 0 for very negative x (rcp(inf) = 0). Outputs are fp16/bf16, far coarser
+// than the approximation error (~1e-6 relative).
+template <class T>
+struct GeluTanh {
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const {
+    const float xf = static_cast<float>(x);
+    const float u = 0.7978845608028654f * (xf + 0.044715f * xf * xf * xf);
+#if defined(__CUDA_ARCH__)
+    return T(xf * __frcp_rn(1.0f + __expf(-2.0f * u)));
+#else
+    return T(xf / (1.0f + std::exp(-2.0f * u)));
+#endif
+  }
+};
+template <class T, int N>
+struct GeluTanh<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& x) const {
+    cutlass::Array<T, N> y;
+    GeluTanh<T> f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = f(x[i]);
+    return y;
+  }
+};
+
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+using ClusterShape = Shape<_1, _1, _1>;  // M-tiles exit independently: no cluster spans M
+
+// ---------------------------------------------------------------------------------------------
+// Persistent variant: CUTLASS's persistent tile scheduler, filtered by the device-side count.
+// Every role of the kernel (producer, and each consumer warpgroup of the ping-pong kernel) walks
+// the same per-CTA tile sequence; this scheduler drops the tiles whose M-block lies past the kept
+// rows from that sequence, so all roles see the same filtered sequence and the work of dropped
+// tokens is never scheduled. Grid: one CTA per SM, as sized by the host for all B*N rows.
+template <int TileM>
+struct KeptRowsTag {};
+
+template <int TileM>
+struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90 {
+  using Base = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90;
+  using WorkTileInfo = typename Base::WorkTileInfo;
+  struct Arguments : Base::Arguments {
+    int const* count = nullptr;
+  };
+  struct Params : Base::Params {
+    int const* count = nullptr;
+  };
+
+  template <class ProblemShapeMNKL, class TileShape, class ClusterShape>
+  static Params to_underlying_arguments(ProblemShapeMNKL problem_shape_mnkl, TileShape tile_shape,
+                                        ClusterShape cluster_shape, cutlass::KernelHardwareInfo const& hw_info,
+                                        Arguments const& arguments, void* workspace = nullptr,
+                                        const uint32_t epilogue_subtile = 1, uint32_t ktile_start_alignment = 1u) {
+    Params p;
+    static_cast<Base::Params&>(p) = Base::to_underlying_arguments(
+        problem_shape_mnkl, tile_shape, cluster_shape, hw_info, arguments, workspace, epilogue_subtile,
+        ktile_start_alignment);
+    p.count = arguments.count;
+    return p;
+  }
+
+  CUTLASS_HOST_DEVICE KeptRowsScheduler() {}
+
+  CUTLASS_DEVICE explicit KeptRowsScheduler(Params const& params) : Base(params) {
+    m_limit_ = (*params.count + TileM - 1) / TileM;
+    skip_dropped();
+  }
+
+  template <class ClusterShape>
+  CUTLASS_DEVICE WorkTileInfo initial_work_tile_info(ClusterShape) {
+    return Base::get_current_work();
+  }
+
+  CUTLASS_DEVICE void advance_to_next_work(uint32_t advance_count = 1) {
+    for (uint32_t i = 0; i < advance_count; ++i) {
+      Base::advance_to_next_work(1);
+      skip_dropped();
+    }
+  }
+
+  CUTLASS_DEVICE bool is_last_tile(WorkTileInfo&, uint32_t advance_count = 1) const {
+    KeptRowsScheduler next = *this;
+    next.advance_to_next_work(advance_count);
+    return !next.get_current_work().is_valid();
+  }
+
+  CUTLASS_DEVICE auto fetch_next_work(WorkTileInfo work_tile_info) {
+    if (Base::continue_current_work(work_tile_info)) return cute::make_tuple(work_tile_info, true);
+    advance_to_next_work();
+    return cute::make_tuple(Base::get_current_work(), true);
+  }
+
+  template <class TileSchedulerPipeline, class TileSchedulerPipelineState>
+  CUTLASS_DEVICE auto fetch_next_work(WorkTileInfo work_tile_info, TileSchedulerPipeline&,
+                                      TileSchedulerPipelineState) {
+    return fetch_next_work(work_tile_info);
+  }
+
+ private:
+  CUTLASS_DEVICE void skip_dropped() {
+    for (WorkTileInfo w = Base::get_current_work(); w.is_valid() && w.M_idx >= m_limit_; w = Base::get_current_work())
+      Base::advance_to_next_work(1);
+  }
+  int m_limit_ = 0;
+};
+
+}  // namespace
+}  // namespace dyc
+
+namespace cutlass::gemm::kernel::detail {
+template <int TileM, class TileShape, class ClusterShape, uint32_t Stages>
+struct TileSchedulerSelector<dyc::KeptRowsTag<TileM>, arch::Sm90, TileShape, ClusterShape, Stages> {
+  using Scheduler = dyc::KeptRowsScheduler<TileM>;
+};
+}  // namespace cutlass::gemm::kernel::detail
+
+namespace dyc {
+namespace {
+
+// Kernel variants V: 0 "tma": CUTLASS's one-tile-per-CTA TMA kernel behind gemm_kept_rows (early
+// exit), 128-row tiles; 1 "pingpong": persistent ping-pong kernel with KeptRowsScheduler; 2 "coop":
+// persistent cooperative kernel (two warpgroups share a 256-row tile) with KeptRowsScheduler.
+// Only the measured-best variant of each GEMM is instantiated (run_gemm* below).
+template <int V>
+using TileFor = Shape<cute::conditional_t<V == 2, _256, _128>, _144, _64>;
+
+template <class Element, class TileShape, class EVT, int V>
+struct KernelFor {
+  static constexpr int kAlign = 16 / sizeof(Element);
+  using EpiSchedule = cute::conditional_t<V == 2, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                                          cutlass::epilogue::TmaWarpSpecialized>;
+  using MainSchedule = cute::conditional_t<
+      V == 0, cutlass::gemm::KernelTmaWarpSpecialized,
+      cute::conditional_t<V == 1, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
+  // Epilogue subtiles of 48 columns (3 per 144-wide tile) rather than the automatic gcd(32, 144) =
+  // 16: a third of the TMA stores per tile. (Measured neutral for GEMM1's speed; see RESULTS.md.)
+  using EpiTile = Shape<cute::conditional_t<V == 2, _128, _64>, _48>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile, float, float, void,
+      cutlass::layout::RowMajor, kAlign,
+      Element, cutlass::layout::RowMajor, kAlign, EpiSchedule, EVT>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, kAlign, Element,
+      cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<
+      Shape<int, int, int, int>, Mainloop, Epilogue,
+      cute::conditional_t<V != 0, KeptRowsTag<size<0>(TileShape{})>, void>>;
+};
+
+// GEMM1: 144 = group_size(288)/2 columns per tile, so every tile lies in one channel group.
+template <class Element, class Tile>
+using Gemm1EVT = fusion::Sm90EVT<
+    fusion::Sm90Compute<GeluTanh, Element, float, kRound>,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                    fusion::Sm90ColBroadcast<0, Tile, float, float, Stride<_1, _0, int64_t>>,
+                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>, fusion::Sm90AccFetch,
+                                    fusion::Sm90RowBroadcast<0, Tile, Element, float, Stride<_0, _1, int64_t>>>>>;
+template <class Element, int V>
+using Gemm1 = typename KernelFor<Element, TileFor<V>, Gemm1EVT<Element, TileFor<V>>, V>::Kernel;
+
+// GEMM1 without a channel mask: one plain GEMM over all Hs columns, gelu(acc + fc1_b).
+template <class Element, class Tile>
+using Gemm1PlainEVT = fusion::Sm90EVT<
+    fusion::Sm90Compute<GeluTanh, Element, float, kRound>,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>, fusion::Sm90AccFetch,
+                    fusion::Sm90RowBroadcast<0, Tile, Element, float, Stride<_0, _1, _0>>>>;
+template <class Element, int V>
+using Gemm1Plain = typename KernelFor<Element, TileFor<V>, Gemm1PlainEVT<Element, TileFor<V>>, V>::Kernel;
+
+// GEMM2: C = 1152 = 8 x 144, so the M-tile count (a multiple of 16 at XL shapes) times 8 N-tiles
+// fills the 132 SMs in nearly whole waves; 128-wide tiles (9 per row) leave a 2.2-wave tail.
+template <class Element, class Tile>
+using Gemm2EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, Element, float, kRound>, fusion::Sm90AccFetch,
+                                 fusion::Sm90RowBroadcast<0, Tile, Element, float, Stride<_0, _1, _0>>>;
+template <class Element, int V>
+using Gemm2 = typename KernelFor<Element, TileFor<V>, Gemm2EVT<Element, TileFor<V>>, V>::Kernel;
+
+// cutlass::device_kernel plus the early exit on the device-side token count.
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
+    gemm_kept_rows(CUTLASS_GRID_CONSTANT typename Kernel::Params const params, int const* count) {
+  constexpr int kTileM = size<0>(typename Kernel::TileShape{});
+  if (static_cast<int>(blockIdx.x) * kTileM >= *count) return;
+  extern __shared__ char smem[];
+  Kernel op;
+  op(params, smem);
+}
+
+int sm_count() {
+  int dev = 0, n = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n;
+}
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
+    gemm_persistent(CUTLASS_GRID_CONSTANT typename Kernel::Params const params) {
+  extern __shared__ char smem[];
+  Kernel op;
+  op(params, smem);
+}
+
+template <int V, class Kernel>
+cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStream_t stream) {
+  if constexpr (V != 0) args.scheduler.count = count;
+  if (!Kernel::can_implement(args)) return cudaErrorInvalidValue;
+  // The persistent scheduler needs no workspace without split-K / stream-K; checked here.
+  if (Kernel::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
+  // Builds the TMA descriptors on the host (no stream work, so graph capture is unaffected).
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  const int smem = Kernel::SharedStorageSize;
+  const dim3 grid = Kernel::get_grid_shape(params);
+  const dim3 block = Kernel::get_block_shape();
+  cudaError_t e;
+  if constexpr (V != 0) {
+    e = cudaFuncSetAttribute(gemm_persistent<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    gemm_persistent<Kernel><<<grid, block, smem, stream>>>(params);
+  } else {
+    e = cudaFuncSetAttribute(gemm_kept_rows<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    gemm_kept_rows<Kernel><<<grid, block, smem, stream>>>(params, count);
+  }
+  return cudaGetLastError();
+}
+
+template <class Element, int V>
+cudaError_t gemm1(const Sm90Args& a) {
+  using K = Gemm1<Element, V>;
+  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.group_size), Kd = static_cast<int>(a.channels);
+  const int L = static_cast<int>(a.hidden / a.group_size);
+  typename K::StrideA sA = make_stride(int64_t(a.channels), _1{}, int64_t(0));  // A shared by all groups
+  typename K::StrideB sB = make_stride(int64_t(a.channels), _1{}, int64_t(a.group_size * a.channels));
+  typename K::StrideD sD = make_stride(int64_t(a.hidden), _1{}, int64_t(a.group_size));
+  typename K::StrideC sC{};
+  typename K::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kBatched;
+  args.problem_shape = make_shape(M, N, Kd, L);
+  args.mainloop = {static_cast<Element const*>(a.ws.a), sA, static_cast<Element const*>(a.fc1_w), sB};
+  auto& fz = args.epilogue.thread;  // {mul-node {mask, plus-node {acc, bias, op}, op}, gelu op}
+  fz = {{{a.ws.mask, 0.f, make_stride(_1{}, _0{}, int64_t(pad_rows(a.rows)))},
+         {{}, {static_cast<Element const*>(a.fc1_b), Element(0), make_stride(_0{}, _1{}, int64_t(a.group_size))}, {}},
+         {}},
+        {}};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sC;
+  args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
+  args.epilogue.dD = sD;
+  args.hw_info.sm_count = sm_count();
+  return launch<V, K>(args, a.ws.count, a.stream);
+}
+
+template <class Element, int V>
+cudaError_t gemm1_plain(const Sm90Args& a) {
+  using K = Gemm1Plain<Element, V>;
+  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.hidden), Kd = static_cast<int>(a.channels);
+  typename K::StrideA sA = make_stride(int64_t(a.channels), _1{}, int64_t(0));
+  typename K::StrideB sB = make_stride(int64_t(a.channels), _1{}, int64_t(0));
+  typename K::StrideD sD = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
+  typename K::StrideC sC{};
+  typename K::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = make_shape(M, N, Kd, 1);
+  args.mainloop = {static_cast<Element const*>(a.ws.a), sA, static_cast<Element const*>(a.fc1_w), sB};
+  args.epilogue.thread = {{{}, {static_cast<Element const*>(a.fc1_b), Element(0), {}}, {}}, {}};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sC;
+  args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
+  args.epilogue.dD = sD;
+  args.hw_info.sm_count = sm_count();
+  return launch<V, K>(args, a.ws.count, a.stream);
+}
+
+template <class Element, int V>
+cudaError_t gemm2(const Sm90Args& a) {
+  using K = Gemm2<Element, V>;
+  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.channels), Kd = static_cast<int>(a.hidden);
+  typename K::StrideA sA = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
+  typename K::StrideB sB = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
+  typename K::StrideD sD = make_stride(int64_t(a.channels), _1{}, int64_t(0));
+  typename K::StrideC sC{};
+  typename K::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = make_shape(M, N, Kd, 1);
+  args.mainloop = {static_cast<Element const*>(a.ws.h), sA, static_cast<Element const*>(a.fc2_w), sB};
+  args.epilogue.thread = {{}, {static_cast<Element const*>(a.fc2_b), Element(0), {}}, {}};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sC;
+  args.epilogue.ptr_D = static_cast<Element*>(a.ws.d);
+  args.epilogue.dD = sD;
+  args.hw_info.sm_count = sm_count();
+  return launch<V, K>(args, a.ws.count, a.stream);
+}
+
+// Kernel per GEMM, chosen on H100 at DiT-XL shapes (bench/RESULTS.md): GEMM1 (K = C, short) ran
+// fastest as one CTA per tile (tma) -- 166 us vs 210 (coop) and 247 (ping-pong) at 4096 kept rows;
+// GEMM2 (K = Hs, long) as the persistent cooperative kernel -- 58 us vs 70 (tma), cuBLAS 57 us.
+template <class E>
+cudaError_t run_gemm1(const Sm90Args& a) { return gemm1<E, 0>(a); }
+template <class E>
+cudaError_t run_gemm1_plain(const Sm90Args& a) { return gemm1_plain<E, 0>(a); }
+template <class E>
+cudaError_t run_gemm2(const Sm90Args& a) { return gemm2<E, 2>(a); }
+
+}  // namespace
+
+#if defined(DYC_SM90_PART_GEMM1)
+bool sm90_compiled() { return true; }
+
+cudaError_t sm90_gemm1(const Sm90Args& a) {
+  return a.dtype == 1 ? run_gemm1<cutlass::half_t>(a) : run_gemm1<cutlass::bfloat16_t>(a);
+}
+
+#endif
+#if defined(DYC_SM90_PART_GEMM1_PLAIN)
+cudaError_t sm90_gemm1_plain(const Sm90Args& a) {
+  return a.dtype == 1 ? run_gemm1_plain<cutlass::half_t>(a) : run_gemm1_plain<cutlass::bfloat16_t>(a);
+}
+#endif
+#if defined(DYC_SM90_PART_GEMM2)
+cudaError_t sm90_gemm2(const Sm90Args& a) {
+  return a.dtype == 1 ? run_gemm2<cutlass::half_t>(a) : run_gemm2<cutlass::bfloat16_t>(a);
+}
+#endif
+
+}  // namespace dyc
+
+#else  // !DYC_HAVE_SM90: built without an sm_90a target
+
+namespace dyc {
+#if defined(DYC_SM90_PART_GEMM1)
+bool sm90_compiled() { return false; }
+cudaError_t sm90_gemm1(const Sm90Args&) { return cudaErrorNotSupported; }
+#endif
+#if defined(DYC_SM90_PART_GEMM1_PLAIN)
+cudaError_t sm90_gemm1_plain(const Sm90Args&) { return cudaErrorNotSupported; }
+#endif
+#if defined(DYC_SM90_PART_GEMM2)
+cudaError_t sm90_gemm2(const Sm90Args&) { return cudaErrorNotSupported; }
+#endif
+}  // namespace dyc
+
+#endif

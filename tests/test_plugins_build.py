@@ -1,0 +1,197 @@
+"""Host-side checks of the plugins (no GPU needed): the reference op against the eager DyDiT
+modules, the CMake build of libdyc_plugins.so and its C ABI through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dyc.kernels import sdt_mlp as K
+from dyc.model import Mlp, modulate
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ROOT / "plugins" / "include" / "dyc_sdt_mlp.h"
+
+
+def _inputs(b=3, n=10, c=32, groups=4, gs=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hs = groups * gs
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    keep = (torch.rand(b, n, generator=g) < 0.5).to(dtype)
+    cm = (torch.rand(b, groups, generator=g) < 0.6).to(dtype)
+    cm[:, 0] = 1
+    return [r(b, n, c), r(b, c), r(b, c), r(b, c), keep, r(hs, c), r(hs), r(c, hs), r(c)], cm, gs
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_reference_matches_eager_dydit_block_mlp(with_mask):
+    """sdt_mlp_reference == DiTBlock's MLP path (norm2, modulate, Mlp with channel groups, gate, token mask)."""
+    (x, shift, scale, gate, keep, w1, b1, w2, b2), cm, gs = _inputs()
+    c, hs = x.shape[-1], w1.shape[0]
+    mlp = Mlp(c, hs, hs // gs).double()
+    with torch.no_grad():
+        mlp.fc1.weight.copy_(w1)
+        mlp.fc1.bias.copy_(b1)
+        mlp.fc2.weight.copy_(w2)
+        mlp.fc2.bias.copy_(b2)
+    norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+    mask = cm if with_mask else None
+    with torch.no_grad():  # DiTBlock.forward, second half
+        y = gate.unsqueeze(1) * mlp(modulate(norm2(x), shift, scale), mask)
+        want = x + y * keep.unsqueeze(-1)
+        got = K.sdt_mlp_reference(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask=mask, group_size=gs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[keep == 0], x[keep == 0])
+
+
+def test_reference_bf16_and_default_group_size():
+    (x, shift, scale, gate, keep, w1, b1, w2, b2), cm, gs = _inputs(dtype=torch.float32)
+    full = K.sdt_mlp_reference(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask=cm)  # gs from the mask
+    explicit = K.sdt_mlp_reference(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask=cm, group_size=gs)
+    torch.testing.assert_close(full, explicit)
+    low = K.sdt_mlp_reference(*[t.bfloat16() for t in (x, shift, scale, gate, keep, w1, b1, w2, b2)],
+                              channel_mask=cm.bfloat16(), group_size=gs)
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - full) / full.abs().max()).abs().max() < 5e-2
+
+
+def test_kernel_entry_rejects_cpu_tensors():
+    ts, cm, gs = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        K.sdt_mlp(*ts, channel_mask=cm, group_size=gs)
+
+
+def test_header_is_plain_c():
+    cc = shutil.which("cc") or shutil.which("gcc")
+    nvcc = shutil.which("nvcc")
+    if not cc or not nvcc:
+        pytest.skip("needs a C compiler and the CUDA toolkit headers")
+    cands = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include",
+             Path(nvcc).resolve().parents[1] / "include", *sorted(Path("/usr/local").glob("cuda*/include"))]
+    cuda_inc = next((d for d in cands if (d / "cuda_runtime_api.h").exists()), None)
+    if cuda_inc is None:
+        pytest.skip("cuda_runtime_api.h not found")
+    r = subprocess.run([cc, "-std=c99", "-Wall", "-Werror", "-fsyntax-only", f"-I{cuda_inc}", "-x", "c", str(HEADER)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The CMake build. DYC_PLUGIN_BUILD_DIR reuses a finished build; otherwise this builds into a temp dir
+# (the Hopper CUTLASS unit takes a few minutes on 2 cores).
+
+@pytest.fixture(scope="module")
+def built_lib(tmp_path_factory) -> Path:
+    pre = os.environ.get("DYC_PLUGIN_BUILD_DIR")
+    if pre:
+        lib = Path(pre) / "lib" / "libdyc_plugins.so"
+        assert lib.is_file(), f"DYC_PLUGIN_BUILD_DIR={pre} holds no lib/libdyc_plugins.so"
+        return lib
+    if not shutil.which("cmake") or not shutil.which("nvcc"):
+        pytest.skip("needs cmake and nvcc to build the plugins")
+    build = tmp_path_factory.mktemp("dyc_build")
+    cfg = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"]
+    if os.environ.get("DYC_TEST_CUDA_ARCHS"):
+        cfg.append(f"-DDYC_CUDA_ARCHS={os.environ['DYC_TEST_CUDA_ARCHS']}")
+    r = subprocess.run(cfg, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["cmake", "--build", str(build), f"-j{os.cpu_count() or 2}"], capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    lib = build / "lib" / "libdyc_plugins.so"
+    assert lib.is_file()
+    return lib
+
+
+@pytest.fixture(scope="module")
+def abi(built_lib):
+    lib = ctypes.CDLL(str(built_lib))
+    i64, u32, vp = ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
+    lib.dyc_sdt_mlp_version.restype = ctypes.c_char_p
+    lib.dyc_sdt_mlp_status_string.restype = ctypes.c_char_p
+    lib.dyc_sdt_mlp_workspace_size.restype = ctypes.c_size_t
+    lib.dyc_sdt_mlp_workspace_size.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64]
+    lib.dyc_sdt_mlp_select_path.argtypes = [ctypes.c_int, i64, i64, i64, ctypes.c_int, u32]
+    lib.dyc_sdt_mlp_forward.argtypes = [ctypes.c_int] + [vp] * 11 + [i64] * 5 + [ctypes.c_float, vp, ctypes.c_size_t,
+                                                                               u32, vp]
+    return lib
+
+
+@pytest.mark.slow
+def test_abi_exports_only_the_c_api(built_lib):
+    nm = shutil.which("nm")
+    if not nm:
+        pytest.skip("nm not found")
+    out = subprocess.run([nm, "-D", "--defined-only", str(built_lib)], capture_output=True, text=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if " T " in line}
+    want = {"dyc_sdt_mlp_version", "dyc_sdt_mlp_status_string", "dyc_sdt_mlp_workspace_size",
+            "dyc_sdt_mlp_select_path", "dyc_sdt_mlp_forward"}
+    assert want <= exported
+    assert not {s for s in exported if s.startswith("_ZN3dyc")}, "C++ internals must stay hidden"
+
+
+@pytest.mark.slow
+def test_abi_version_and_workspace(abi):
+    assert abi.dyc_sdt_mlp_version().decode().startswith("0.1.0+abi1")
+    assert abi.dyc_sdt_mlp_status_string(0) == b"ok"
+    # idx, pos (int32 per row), count, fp32 group mask, then A [rows, C], H [rows, Hs], D [rows, C] in T
+    rows, c, hs, groups = 32 * 256, 1152, 4608, 16
+    size = abi.dyc_sdt_mlp_workspace_size(2, 32, 256, c, hs, 288)
+    payload = 2 * 4 * rows + 4 * groups * rows + 2 * (2 * rows * c + rows * hs)
+    assert payload <= size <= payload + 8 * 256
+    assert abi.dyc_sdt_mlp_workspace_size(0, 32, 256, c, hs, 288) > size  # fp32 intermediates
+    assert abi.dyc_sdt_mlp_workspace_size(2, 32, 256, c, hs, 500) == 0  # hidden % group_size != 0
+    assert abi.dyc_sdt_mlp_workspace_size(7, 32, 256, c, hs, 288) == 0  # unknown dtype
+
+
+@pytest.mark.slow
+def test_abi_validates_before_touching_the_gpu(abi):
+    p = ctypes.c_void_p(256)  # never dereferenced: validation fails first
+    args = [p] * 9  # x .. fc2_b
+    # bad dtype, bad group size -> invalid argument
+    assert abi.dyc_sdt_mlp_forward(9, *args, None, p, 2, 4, 8, 16, 8, 1e-6, p, 1 << 20, 0, None) == 1
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 5, 1e-6, p, 1 << 20, 0, None) == 1
+    # missing input -> invalid argument; missing / small workspace -> workspace status
+    assert abi.dyc_sdt_mlp_forward(2, None, *args[1:], None, p, 2, 4, 8, 16, 8, 1e-6, p, 1 << 20, 0, None) == 1
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 1e-6, None, 0, 0, None) == 2
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 1e-6, p, 16, 0, None) == 2
+    # an empty batch is a no-op
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 0, 4, 8, 16, 8, 1e-6, None, 0, 0, None) == 0
+    if not torch.cuda.is_available():  # no device: the portable path is what would be chosen
+        assert abi.dyc_sdt_mlp_select_path(2, 1152, 4608, 288, 0, 0) == 0
+    assert abi.dyc_sdt_mlp_select_path(2, 1152, 4608, 288, 0, 1) == 0  # FORCE_GENERIC
+
+
+@pytest.mark.slow
+def test_onnxruntime_custom_op_cpu_kernel(built_lib):
+    """dyc::SdtMlp through ONNX Runtime's CPU EP (the op library's float kernel) == the reference."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ops_lib = built_lib.parent / "libdyc_ort_ops.so"
+    if not ops_lib.is_file():
+        pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
+    from onnx import TensorProto, helper
+
+    ts, cm, gs = _inputs(b=2, n=7, c=24, groups=3, gs=8, seed=4, dtype=torch.float32)
+    names = ["x", "shift", "scale", "gate", "keep", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "channel_mask"]
+    feeds = {n: t.numpy() for n, t in zip(names, [*ts, cm], strict=True)}
+    for with_mask in (True, False):
+        ins = names if with_mask else names[:9]
+        node = helper.make_node("SdtMlp", ins, ["y"], domain="dyc", group_size=gs, eps=1e-6)
+        graph = helper.make_graph(
+            [node], "sdt", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds[n].shape)) for n in ins],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(str(ops_lib))
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        (y,) = sess.run(None, {n: feeds[n] for n in ins})
+        want = K.sdt_mlp_reference(*ts, channel_mask=cm if with_mask else None, group_size=gs)
+        torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4)
