@@ -1,0 +1,210 @@
+"""``dyc run``: sample from a bundle (or a checkpoint, or the embedded default model) and write the results."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from ..backends import backend_names
+from ..errors import DycError
+from ..timesteps import SAMPLERS
+
+
+def parse_classes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise DycError(f"--classes: {part!r} is not a class id (give integers, e.g. 207,360)") from None
+    if not out:
+        raise DycError("--classes is empty: give class ids, e.g. 207,360")
+    return out
+
+
+def load_noise(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DycError(f"--noise {path}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DycError(f"--noise {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
+                       ) from None
+    if not isinstance(arr, np.ndarray):
+        raise DycError(f"--noise {path}: holds several arrays (.npz); give one .npy array")
+    if arr.dtype != np.float32:
+        raise DycError(f"--noise {path}: dtype is {arr.dtype}, expected float32")
+    return arr
+
+
+def resolve_classes(classes: str | None, num_samples: int | None, noise: np.ndarray | None,
+                    num_classes: int) -> list[int]:
+    """Class label per sample: --classes cycled to --num-samples; defaults 0, 1, 2, … (at most 8)."""
+    given = parse_classes(classes) if classes is not None else None
+    if num_samples is not None and num_samples < 1:
+        raise DycError(f"--num-samples must be positive, got {num_samples}")
+    m = num_samples
+    if m is None:
+        m = len(given) if given else (noise.shape[0] if noise is not None and noise.ndim == 4 else min(8, num_classes))
+    if given is None:
+        return [i % num_classes for i in range(m)]
+    if m < len(given):
+        raise DycError(f"--num-samples {m} is fewer than the {len(given)} --classes given")
+    return [given[i % len(given)] for i in range(m)]
+
+
+def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """[M, H, W, C] uint8 -> one image, ⌈√M⌉ columns, ``pad`` px gaps (torchvision's save_image layout)."""
+    m, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(m))
+    rows = math.ceil(m / cols)
+    out = np.zeros((pad + rows * (h + pad), pad + cols * (w + pad), c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = im
+    return out
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    # uint8 [H, W] -> mode L, [H, W, 3] -> RGB (Pillow infers the mode from the array)
+    if array.shape[-1] == 1:
+        img = Image.fromarray(np.ascontiguousarray(array[..., 0]))
+    elif array.shape[-1] == 3:
+        img = Image.fromarray(np.ascontiguousarray(array))
+    else:
+        raise DycError(f"cannot write a PNG of {array.shape[-1]} channels (1 or 3)")
+    img.save(path)
+
+
+def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.ndarray:
+    """Latents -> uint8 images with a local diffusers AutoencoderKL (DiT's decode: latents / scaling)."""
+    from .pipeline import to_images
+
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise DycError("--vae needs the diffusers package (pip install diffusers)") from None
+    if not (vae_dir / "config.json").is_file():
+        raise DycError(f"--vae {vae_dir}: not a diffusers AutoencoderKL directory (no config.json)")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
+        raise DycError(f"--vae {vae_dir}: cannot load it ({str(e).splitlines()[0]})") from None
+    if vae.config.latent_channels != in_channels:
+        raise DycError(f"--vae {vae_dir}: {vae.config.latent_channels} latent channels, the model has {in_channels}")
+    scale = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+    with torch.no_grad():
+        x = vae.decode(latents.to(vae.dtype) / scale).sample
+    return to_images(x)
+
+
+@click.command("run")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--sampler", type=click.Choice(SAMPLERS, case_sensitive=False), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: 250 ddpm, 50 ddim, 20 dpm-solver++).")
+@click.option("--cfg", "cfg_scale", type=float, default=4.0, show_default=True,
+              help="Classifier-free guidance scale (1 = off).")
+@click.option("--cfg-official", is_flag=True, help="Guide only the first 3 channels, as DiT's forward_with_cfg.")
+@click.option("--classes", default=None, help="Class ids, e.g. 207,360 (cycled to --num-samples).")
+@click.option("--num-samples", type=int, default=None, help="Samples to draw (default: one per class).")
+@click.option("--batch", type=int, default=None, help="Samples per engine call (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--noise", type=click.Path(path_type=Path), default=None,
+              help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
+@click.option("--backend", default="onnxruntime", show_default=True, help=f"One of {', '.join(backend_names())}.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own: cpu for eager and "
+              "onnxruntime, cuda for torch and tensorrt).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Eager backend: the bundle's source checkpoint, when the manifest's path is not on this machine.")
+@click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None,
+              help="Local diffusers AutoencoderKL directory: decode latents to PNGs.")
+@click.option("--save-latents", type=click.Path(path_type=Path), default=None,
+              help="Also write the final latents here (.npy).")
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
+def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
+            device, checkpoint, vae_dir, save_latents, outdir) -> None:
+    """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
+    from .pipeline import Pipeline
+
+    if steps is not None and steps <= 0:  # checked before any loading or compiling
+        raise DycError(f"--steps must be positive, got {steps}")
+    if batch is not None and batch <= 0:
+        raise DycError(f"--batch must be positive, got {batch}")
+    if seed < 0:
+        raise DycError(f"--seed must be non-negative, got {seed}")
+    if classes is not None:
+        parse_classes(classes)
+    noise_arr = load_noise(noise) if noise is not None else None
+    if vae_dir is not None and not vae_dir.is_dir():
+        raise DycError(f"--vae {vae_dir}: no such directory")
+    pipe = Pipeline.load(bundle, backend=backend, device=device, checkpoint=checkpoint,
+                         progress=lambda m: click.echo(m, err=True))
+    cfg = pipe.config
+    if vae_dir is not None and cfg.vae_scale == 1:
+        raise DycError("--vae: this is a pixel-space model; its samples are images already")
+    labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
+    pipe.check_classes(labels)
+    if noise_arr is not None:
+        pipe.check_noise(noise_arr, len(labels))
+
+    bar = None
+    if sys.stderr.isatty():
+        from .samplers import make_sampler
+
+        n = len(make_sampler(sampler, steps))
+        bar = click.progressbar(length=n, label=f"{sampler} {n} steps", file=sys.stderr)
+        bar.__enter__()
+    t0 = time.perf_counter()
+    try:
+        out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
+                   noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    wall = time.perf_counter() - t0
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    lat = out.latents.numpy().astype(np.float32)
+    if cfg.vae_scale != 1:
+        np.save(outdir / "latents.npy", lat)
+        written.append("latents.npy")
+    if save_latents is not None:
+        save_latents.parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_latents, lat)
+    images = out.images
+    if images is None and vae_dir is not None:
+        images = decode_vae(vae_dir, out.latents, cfg.in_channels)
+    if images is not None:
+        for i, (im, label) in enumerate(zip(images, labels, strict=True)):
+            name = f"{i:04d}_class{label}.png"
+            save_png(im, outdir / name)
+            written.append(name)
+        save_png(grid_image(images), outdir / "grid.png")
+        written.append("grid.png")
+    record = {
+        "bundle": out.info.get("bundle"), "backend": out.info.get("backend"), "device": out.info.get("device"),
+        "model": cfg.name, "dtype": out.info.get("dtype"), "sampler": out.sampler, "steps": out.steps,
+        "seed": seed, "noise": str(noise) if noise is not None else None, "cfg": out.cfg,
+        "cfg_official": out.cfg_official, "classes": labels, "batch": batch or len(labels),
+        "trace": [s.to_dict() for s in out.trace], "sampling_ms": round(out.total_ms, 3),
+        "total_s": round(wall, 4), "outputs": written,
+    }
+    (outdir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    written.append("run.json")
+    per_step = out.total_ms / max(1, out.steps)
+    click.echo(f"{cfg.name}: {len(labels)} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "
+               f"{out.info.get('backend')} ({out.info.get('device')}): {wall:.2f} s, {per_step:.1f} ms/step "
+               f"-> {outdir}/")

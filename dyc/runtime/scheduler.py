@@ -1,0 +1,117 @@
+"""Per-step engine switching: original t -> the bundle's group -> that group's graph inputs.
+
+A group's engine computes the union of its member architectures and takes per-t masks where the
+members differ (DESIGN.md §4): ``head_mask`` [B, L, Hu] whose slot j of layer l is t's mask of
+head ``heads[l][j]`` (slots past the layer's count are 0 and ignored), ``channel_mask`` likewise
+for the channel groups. Which mask inputs a group takes is what the manifest says; masks of t
+come from the bundle's per-t tables, never from the model, so every backend sees the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DycError
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What the runtime needs of one group: its t-interval, its union layout and its mask inputs."""
+
+    index: int
+    t_lo: int  # inclusive
+    t_hi: int  # inclusive
+    heads: list[list[int]]  # per layer, original head indices the engine keeps, in slot order
+    channels: list[list[int]]
+    inputs: tuple[str, ...] = ("x", "t", "y")  # graph inputs; head_mask / channel_mask when it takes them
+
+    @property
+    def head_slots(self) -> int:
+        return max((len(h) for h in self.heads), default=0)
+
+    @property
+    def channel_slots(self) -> int:
+        return max((len(c) for c in self.channels), default=0)
+
+    def contains(self, t: int) -> bool:
+        return self.t_lo <= t <= self.t_hi
+
+
+def _slot_masks(per_t: np.ndarray, layout: Sequence[Sequence[int]], slots: int) -> np.ndarray:
+    """[L, H] 0/1 of one t -> [L, slots]: slot j of layer l is the mask of unit layout[l][j]."""
+    out = np.zeros((len(layout), slots), dtype=np.float32)
+    for l, units in enumerate(layout):
+        if units:
+            out[l, : len(units)] = per_t[l, list(units)]
+    return out
+
+
+class Scheduler:
+    """Maps sampler steps to groups and builds each call's inputs.
+
+    ``head_masks`` / ``channel_masks``: the bundle's TDW masks, [T, L, H] 0/1 for t = 0..T-1
+    (None for a plain DiT: no group takes mask inputs).
+    """
+
+    def __init__(self, groups: Sequence[GroupSpec], head_masks: np.ndarray | None = None,
+                 channel_masks: np.ndarray | None = None, num_timesteps: int = 1000):
+        if not groups:
+            raise DycError("the bundle has no groups")
+        self.groups = sorted(groups, key=lambda g: g.t_lo)
+        self.head_masks = None if head_masks is None else np.asarray(head_masks)
+        self.channel_masks = None if channel_masks is None else np.asarray(channel_masks)
+        # interval lookup table: t -> position in self.groups (-1: no group)
+        self._of_t = np.full(num_timesteps, -1, dtype=np.int64)
+        for pos, g in enumerate(self.groups):
+            if g.t_lo < 0 or g.t_hi >= num_timesteps or g.t_lo > g.t_hi:
+                raise DycError(f"group {g.index} has an invalid t-interval {g.t_lo}..{g.t_hi}")
+            span = self._of_t[g.t_lo: g.t_hi + 1]
+            if (span >= 0).any():
+                raise DycError(f"group {g.index}'s t-interval {g.t_lo}..{g.t_hi} overlaps another group")
+            span[:] = pos
+            for name, table in (("head_mask", self.head_masks), ("channel_mask", self.channel_masks)):
+                if name in g.inputs and table is None:
+                    raise DycError(f"group {g.index} takes {name} but the bundle has no per-t masks")
+        self._cache: dict[tuple[int, str], np.ndarray] = {}
+
+    def group_of(self, t: int) -> GroupSpec:
+        t = int(t)
+        pos = int(self._of_t[t]) if 0 <= t < len(self._of_t) else -1
+        if pos < 0:
+            covered = ", ".join(f"{g.t_lo}..{g.t_hi}" for g in self.groups)
+            raise DycError(f"timestep {t} is outside every group of this bundle (it covers {covered})")
+        return self.groups[pos]
+
+    def check_schedule(self, timesteps: Sequence[int]) -> list[int]:
+        """The group index of every step; fails before sampling starts if any t has no group."""
+        return [self.group_of(t).index for t in timesteps]
+
+    def masks_of(self, t: int, g: GroupSpec, name: str) -> np.ndarray:
+        key = (t, name)
+        if key not in self._cache:
+            if name == "head_mask":
+                self._cache[key] = _slot_masks(self.head_masks[t], g.heads, g.head_slots)
+            else:
+                self._cache[key] = _slot_masks(self.channel_masks[t], g.channels, g.channel_slots)
+        return self._cache[key]
+
+    def inputs(self, t: int, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None
+               ) -> tuple[GroupSpec, dict[str, torch.Tensor]]:
+        """t's group and its graph inputs for latents ``x`` [B, C, S, S] and labels ``y`` [B]."""
+        g = self.group_of(t)
+        dtype = dtype or x.dtype
+        b = x.shape[0]
+        feeds: dict[str, torch.Tensor] = {
+            "x": x.to(dtype),
+            "t": torch.full((b,), int(t), dtype=torch.int64, device=x.device),
+            "y": y.to(device=x.device, dtype=torch.int64),
+        }
+        for name in ("head_mask", "channel_mask"):
+            if name in g.inputs:
+                m = torch.from_numpy(self.masks_of(int(t), g, name)).to(device=x.device, dtype=dtype)
+                feeds[name] = m.unsqueeze(0).expand(b, -1, -1).contiguous()
+        return g, feeds
