@@ -319,3 +319,22 @@ def test_plain_dit_bundle_builds(trt, tmp_path):
 def test_build_refuses_a_non_bundle(tmp_path):
     with pytest.raises(DycError, match="no such bundle"):
         build_engines(tmp_path / "missing.dyc")
+
+
+def test_dyc_compile_backend_tensorrt_builds_one_plan_per_group(trt, tmp_path):
+    """The user's one command: checkpoint -> bundle -> engines, on this CPU machine with TensorRT-RTX."""
+    from conftest import random_model, tiny_config
+
+    from dyc.checkpoint import save_checkpoint
+    from dyc.cli import main
+
+    ckpt = save_checkpoint(random_model(tiny_config(), seed=1, router_scale=3.0), tmp_path / "m.safetensors")
+    out = tmp_path / "m.dyc"
+    code = main(["compile", str(ckpt), "--dtype", "fp16", "--groups", "2", "--calib", "1", "--backend", "tensorrt",
+                 "--batch-sizes", "1,2", "--trt-flavor", "tensorrt_rtx", "-o", str(out)])
+    assert code == 0
+    groups = Bundle.load(out).groups
+    plans = sorted(p.name for p in (out / "engines").glob("*.plan"))
+    assert plans == [f"group{g.index}.plan" for g in groups]
+    sidecar = json.loads((out / "engines" / "trt_manifest.json").read_text())
+    assert sidecar["flavor"] == "tensorrt_rtx" and len(sidecar["engines"]) == len(groups)
