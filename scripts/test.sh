@@ -11,5 +11,7 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq nlohmann-json3-dev >/dev/null
 fi
 PYTHON=.venv/bin/python bash engines/fetch_onnxruntime.sh
+# the same headers build plugins/' ONNX Runtime custom-op library (tested on the CPU EP)
+export ONNXRUNTIME_ROOT="$PWD/engines/.deps/onnxruntime"
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -ra "$@"
