@@ -8,15 +8,24 @@ all graphs drawing on one memory pool, since groups run one after another.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import DycError
 from ..model import modulate, timestep_embedding
+from .base import Backend
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -305,3 +314,51 @@ class GraphRunner:
             static[k].copy_(v)
         graph.replay()
         return out.clone()
+
+
+class TorchBackend(Backend):
+    """``TorchBackend(bundle, device=None, checkpoint=None, dtype=None, cuda_graphs=True)``.
+
+    The bundle's groups as sliced modules over one shared weight store; weights come from the
+    bundle's source checkpoint (as the eager backend's do) or ``checkpoint``. On CUDA each
+    (group, batch) is replayed from a CUDA graph; on the CPU the same modules run eagerly (the
+    reference maths, no kernel).
+    """
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
+                 checkpoint: str | os.PathLike | None = None, dtype: str | None = None, cuda_graphs: bool = True):
+        from .eager import EagerBackend
+
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or bundle.dtype
+        if dtype not in _TORCH_DTYPES:
+            raise DycError(f"unknown dtype {dtype!r}: choose one of {', '.join(_TORCH_DTYPES)}")
+        model = EagerBackend._load(bundle, checkpoint)
+        if model.config.to_dict() != bundle.config.to_dict():
+            raise DycError(f"the checkpoint is a {model.config.name}, the bundle {bundle.config.name}: "
+                           "they do not match")
+        cfg, dt = bundle.config, _TORCH_DTYPES[dtype]
+        layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in bundle.groups]
+        self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
+        self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared)
+                        for lay in layouts]
+        self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None
+        self.dtype = dt
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @torch.no_grad()
+    def run_group(self, group: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {k: torch.as_tensor(v).to(self._device) for k, v in inputs.items()}
+        feeds["x"] = feeds["x"].to(self.dtype)
+        if self.graphs is not None:
+            return self.graphs(group, feeds)
+        return self.modules[group](**feeds)
+
+    def close(self) -> None:
+        self.graphs = None
+        self.modules = []
