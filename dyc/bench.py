@@ -233,7 +233,7 @@ def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> tuple[floa
 def run_bench(
     ckpt: str | Path, *, backends: Sequence[str] = ("eager", "eager-dydit", "torch"), batch: int = 16,
     cfg_scale: float | None = 4.0, sampler: str = "ddim", steps: int = 50, dtype: str = "bf16",
-    device: str | None = None, repeats: int = 3, calib: int = 2, seed: int = 0,
+    device: str | None = None, repeats: int = 3, calib: int = 2, seed: int = 0, bundle: str | Path | None = None,
 ) -> dict:
     """Measure the requested rows side by side in this process; returns a JSON-able report."""
     unknown = [b for b in backends if b not in ROWS]
@@ -285,8 +285,11 @@ def run_bench(
                 runners["torch"] = dy
     for name in want:
         if name in ("onnxruntime", "tensorrt"):
-            rows[name] = Row(name, status=_bundle_backend_status(name))
-            continue
+            got = _bundle_runner(name, bundle, ckpt, setup)
+            if isinstance(got, str):
+                rows[name] = Row(name, status=got)
+                continue
+            runners[name] = got
         if name not in runners:
             rows[name] = Row(name, status="plain DiT checkpoint: no DyDiT row")
             continue
@@ -327,13 +330,34 @@ def run_bench(
     return report
 
 
-def _bundle_backend_status(name: str) -> str:
-    if name == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "not installed here (TensorRT is not installable in this workplace; see docs/tensorrt.md)"
-    return "needs a compiled bundle (dyc compile); bundle rows are measured by `dyc bench BUNDLE`"
+def _bundle_runner(name: str, bundle_path: str | Path | None, ckpt, setup: BenchSetup) -> _Runner | str:
+    """A row from a compiled bundle through a runtime backend, or why there is none."""
+    if bundle_path is None:
+        return "needs --bundle BUNDLE (dyc compile of this checkpoint)"
+    from .backends import get_backend
+    from .bundle import Bundle
+
+    bundle = Bundle.load(bundle_path)
+    if bundle.config.to_dict() != setup.cfg.to_dict():
+        raise DycError(f"{bundle_path} was compiled from a {bundle.config.name}, not this {setup.cfg.name}")
+    try:
+        backend = get_backend(name)(bundle, device=setup.device)
+    except DycError as e:
+        return f"cannot run here: {e}"
+    dev = setup.device
+
+    def call(x, t, y):
+        g = bundle.group_for_t(t)
+        feeds = {"x": x, "t": torch.full((x.shape[0],), t, device=dev), "y": y}
+        masks = bundle.mask_inputs(t, x.shape[0])
+        feeds |= {k: torch.from_numpy(v).to(device=dev, dtype=x.dtype) for k, v in masks.items()}
+        return backend.run_group(g.index, feeds)
+
+    runner = _Runner(name, call, lambda t: bundle.group_for_t(t).gflops)
+    head = {t: torch.from_numpy(np.stack(bundle.masks_for_t(t)[0:1]).astype(np.float32)) for t in setup.schedule}
+    chan = {t: torch.from_numpy(np.stack(bundle.masks_for_t(t)[1:2]).astype(np.float32)) for t in setup.schedule}
+    runner.tdw_masks = lambda t, b: (head[t].to(dev).expand(b, -1, -1), chan[t].to(dev).expand(b, -1, -1))
+    return runner
 
 
 def format_report(rep: dict) -> str:

@@ -178,15 +178,16 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed passes over the schedule.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="The bundle compiled from CKPT: onnxruntime/tensorrt rows.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
-def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, json_out, plot) -> None:
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, json_out, plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
 
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
-                    repeats=repeats)
+                    repeats=repeats, bundle=bundle)
     click.echo(format_report(rep))
     if json_out:
         write_json(rep, json_out)

@@ -27,3 +27,16 @@ def test_bench_reports_every_row(tmp_path, capsys):
     assert code == 0
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 2
     capsys.readouterr()
+
+
+def test_bench_bundle_rows_run_through_the_runtime_backends(tmp_path):
+    from dyc.compiler.compile import compile_checkpoint
+
+    path = save_checkpoint(random_model(tiny_config(depth=2), seed=0, router_scale=3.0), tmp_path / "m.safetensors")
+    b = compile_checkpoint(path, tmp_path / "m.dyc", groups=2, calib=1, calib_steps=2).path
+    rep = run_bench(path, backends=["eager", "onnxruntime", "tensorrt"], batch=1, steps=4, repeats=1, calib=1,
+                    bundle=b)
+    rows = {r["backend"]: r for r in rep["rows"]}
+    assert rows["onnxruntime"]["status"] == "ok" and rows["onnxruntime"]["rel_l2_err"] < 1e-4
+    assert rows["onnxruntime"]["gflops_per_step"] < rep["static_gflops"]
+    assert rows["tensorrt"]["step_ms"] is None and rows["tensorrt"]["status"]  # no GPU: reported, with why
