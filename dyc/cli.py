@@ -178,7 +178,8 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed passes over the schedule.")
-@click.option("--bundle", type=click.Path(path_type=Path), help="The bundle compiled from CKPT: onnxruntime/tensorrt rows.")
+@click.option("--bundle", type=click.Path(path_type=Path),
+              help="The bundle compiled from CKPT: measures the onnxruntime/tensorrt rows.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
 def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, json_out, plot) -> None:
