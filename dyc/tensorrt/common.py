@@ -15,7 +15,6 @@ written atomically after every plan it names.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..bundle import file_sha256
 from ..errors import DycError
 
 FLAVORS = ("tensorrt", "tensorrt_rtx")
@@ -71,12 +71,7 @@ def trt_version(trt: ModuleType) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # one checksum helper for bundles and plans
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
