@@ -26,7 +26,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import DycError
 from .flops import static_breakdown, static_gflops
-from .timesteps import sampler_timesteps
+from .timesteps import check_sampler, sampler_timesteps
 
 ROWS = ("eager", "eager-dydit", "torch-static", "torch", "onnxruntime", "tensorrt")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,6 +86,8 @@ class BenchSetup:
     schedule: list[int]
     device: torch.device
     dtype: str
+    sampler: str = "ddim"
+    cfg_scale: float = 1.0
 
 
 class _Runner:
@@ -188,21 +190,22 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
                 per_t[t].append(_time_call(lambda t=t: runner.call(x, t, y), dev))
         if dev.type == "cuda":
             row.peak_activation_bytes = int(torch.cuda.max_memory_allocated(dev) - base)
-        # end to end: the sampling loop, model calls plus DDIM maths, as a user runs it
-        from .diffusion import GaussianDiffusion
+        # end to end: the runtime's own sampler and CFG around the row's model calls, as a user runs it
+        from .runtime.cfg import cfg_combine
+        from .runtime.samplers import make_sampler
 
-        diff = GaussianDiffusion.linear().respace(sorted(setup.schedule))
-        ac = torch.tensor(diff.alphas_cumprod, device=dev, dtype=torch.float32)
-        ac_prev = torch.tensor(diff.alphas_cumprod_prev, device=dev, dtype=torch.float32)
-        c = setup.cfg.in_channels
+        sampler = make_sampler(setup.sampler, len(setup.schedule))
+        guided = setup.rows_batch != setup.images
+        gen = torch.Generator().manual_seed(0) if sampler.needs_generator else None
         _sync(dev)
         t0 = time.perf_counter()
-        xt = x.float()
-        for i, t in zip(range(len(setup.schedule) - 1, -1, -1), setup.schedule, strict=True):
-            out = runner.call(xt.to(x.dtype), t, y).float()
-            eps = out[:, :c]
-            x0 = (xt - torch.sqrt(1 - ac[i]) * eps) / torch.sqrt(ac[i])
-            xt = x0 * torch.sqrt(ac_prev[i]) + torch.sqrt(1 - ac_prev[i]) * eps
+        xt = x[: setup.images].float()
+        for i, t in enumerate(sampler.timesteps):
+            xin = torch.cat([xt, xt]) if guided else xt
+            out = runner.call(xin.to(x.dtype), t, y).float()
+            if guided:
+                out = cfg_combine(out, setup.cfg.in_channels, setup.cfg_scale)
+            xt = sampler.step(i, xt, out, gen)
         _sync(dev)
         row.s_per_image = (time.perf_counter() - t0) / setup.images
     meds = [statistics.median(per_t[t]) for t in setup.schedule]
@@ -251,7 +254,7 @@ def run_bench(
     cfg = ck.config
     schedule = sampler_timesteps(sampler, steps)
     rows_batch = batch * (2 if cfg_scale else 1)
-    setup = BenchSetup(cfg, rows_batch, batch, schedule, dev, dtype)
+    setup = BenchSetup(cfg, rows_batch, batch, schedule, dev, dtype, check_sampler(sampler), cfg_scale or 1.0)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows_batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
