@@ -86,8 +86,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--variants", default="default",
-                    help="comma list of dyc runs: default (no channel_mask), masked (an all-ones channel_mask: "
-                         "the channel-masked GEMM1 path)")
+                    help="comma list of dyc runs: default (no channel_mask), masked (an all-ones channel_mask "
+                         "per image: the group-batched GEMM1), shared (one all-ones [1, G] mask for every image: "
+                         "the plain GEMM1 with a column mask, as the torch backend runs it)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_sdt_mlp: needs a CUDA GPU")
@@ -112,7 +113,7 @@ def main() -> None:
         mb = statistics.median(time_fn(functools.partial(torch_gather, *ts), a.iters, a.warmup))
         ones = torch.ones(b, a.groups, device="cuda", dtype=dtype)
         for v in variants:
-            cm = ones if v == "masked" else None
+            cm = ones if v == "masked" else (ones[:1] if v == "shared" else None)
             dyc = functools.partial(K.sdt_mlp, *ts, channel_mask=cm, group_size=gs, out=out)
             err = (ya.float() - dyc().float()).abs().max().item()
             mc = statistics.median(time_fn(dyc, a.iters, a.warmup))

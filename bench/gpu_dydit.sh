@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# Issue 8 on the GPU machine: build the plugin, make DiT-XL/2 synth checkpoints, run `dyc bench`.
-# Results (JSON, plots, logs) go to $OUT. Needs CUTLASS headers in .cutlass/include (see plugins/README.md).
+# Issue 8 on the GPU machine: the SdtMlp plugin, DiT-XL/2 synth checkpoints, `dyc bench` and a
+# per-kernel profile. Results (JSON, plots, logs) go to $OUT.
+#   RUNS="LAMBDA:IMAGES ..."  LAMBDAS="0.5 0.7"  BACKENDS=eager,eager-dydit,torch,onnxruntime,tensorrt
+#   PROFILE=1 (bench/profile_dydit.py on the first λ, 16 images)
+#   DYC_PLUGIN_LIB=path/to/libdyc_plugins.so (prebuilt for sm_90a) or CUTLASS headers in .cutlass/include
+#   (the plugin is then built here; plugins/README.md).
+# With onnxruntime in BACKENDS, each λ is also compiled to an fp16 bundle for the ONNX Runtime row.
 set -u -o pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-if [ ! -f build/lib/libdyc_plugins.so ]; then
+LIB=${DYC_PLUGIN_LIB:-$PWD/build/lib/libdyc_plugins.so}
+if [ ! -f "$LIB" ]; then
+  LIB=$PWD/build/lib/libdyc_plugins.so
   STAGES=build bash plugins/scripts/gpu_check.sh > "$OUT/plugin_build.log" 2>&1 \
     || { echo "plugin build failed: SDT runs the all-token fallback"; tail -20 "$OUT/plugin_build.log"; }
 fi
-[ -f build/lib/libdyc_plugins.so ] && export DYC_PLUGIN_LIB=$PWD/build/lib/libdyc_plugins.so
+[ -f "$LIB" ] && export DYC_PLUGIN_LIB=$LIB
 python3 -c "import click" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 dyc() { python3 -m dyc.cli "$@"; }
+BACKENDS=${BACKENDS:-eager,eager-dydit,torch,onnxruntime,tensorrt}
 for lam in ${LAMBDAS:-0.5}; do
   [ -f /tmp/xl_$lam.safetensors ] || dyc synth --model DiT-XL/2 --lambda "$lam" --seed 0 -o /tmp/xl_$lam.safetensors
+  if [[ $BACKENDS == *onnxruntime* ]] && [ ! -d /tmp/xl_$lam.dyc ]; then
+    dyc compile /tmp/xl_$lam.safetensors --dtype fp16 -o /tmp/xl_$lam.dyc 2>&1 | tail -3
+  fi
 done
+if [ "${PROFILE:-0}" = 1 ]; then
+  lam=${LAMBDAS:-0.5}; lam=${lam%% *}
+  python3 bench/profile_dydit.py /tmp/xl_$lam.safetensors --batch 16 --json "$OUT/profile_lam$lam.json" 2>&1 | tee "$OUT/profile_lam$lam.log"
+fi
 for spec in ${RUNS:-0.5:16}; do
   lam=${spec%%:*}; b=${spec##*:}
-  dyc bench /tmp/xl_$lam.safetensors --batch "$b" --steps 50 --sampler ddim --dtype bf16 \
-    --backends "${BACKENDS:-eager,eager-dydit,torch,onnxruntime,tensorrt}" \
-    --json "$OUT/xl_lam${lam}_b$b.json" --plot "$OUT/xl_lam${lam}_b$b.png" 2>&1 | tee "$OUT/xl_lam${lam}_b$b.log"
+  bundle=(); [ -d /tmp/xl_$lam.dyc ] && bundle=(--bundle /tmp/xl_$lam.dyc)
+  dyc bench /tmp/xl_$lam.safetensors --batch "$b" --steps 50 --sampler ddim --dtype bf16 --backends "$BACKENDS" \
+    "${bundle[@]}" --json "$OUT/xl_lam${lam}_b$b.json" --plot "$OUT/xl_lam${lam}_b$b.png" 2>&1 | tee "$OUT/xl_lam${lam}_b$b.log"
 done

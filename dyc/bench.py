@@ -37,6 +37,7 @@ _TOL = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 5e-2}  # relative L2 error against t
 class Row:
     backend: str
     status: str = "ok"  # "ok", or why the row has no figures
+    dtype: str | None = None  # the precision this row computes in (a bundle's own)
     step_ms: float | None = None  # median model call over the schedule, after warm-up
     step_ms_per_t: list[float] = field(default_factory=list)
     s_per_image: float | None = None  # a full sampling loop (model calls + sampler maths) / images
@@ -97,6 +98,9 @@ class _Runner:
                  gflops_of_t: Callable[[int], float], weights: Sequence[torch.Tensor] = ()):
         self.name, self.call, self.gflops_of_t, self.weights = name, call, gflops_of_t, list(weights)
         self.tdw_masks: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.eager_call: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None  # no CUDA graph
+        self.groups: list | None = None  # the compiler's groups, for the torch DyDiT row
+        self.dtype: str | None = None  # the row's own dtype where it differs from the benchmark's (bundles)
 
 
 def _eager_runners(ck, setup: BenchSetup) -> tuple[_Runner, _Runner | None, torch.nn.Module]:
@@ -135,6 +139,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
         return static_graph(0, {"x": x, "t": tt, "y": y}) if use_graphs else static_mod(x, tt, y)
 
     static_row = _Runner("torch-static", static_call, lambda t: static_g, static_mod.weight_tensors())
+    static_row.eager_call = lambda x, t, y: static_mod(x, torch.full((x.shape[0],), t, device=dev), y)
     if not cfg.dynamic:
         return static_row, None
     ana = analyse(ck.model, setup.schedule, calib=calib, progress=lambda m: print(m, file=sys.stderr))
@@ -142,7 +147,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
     groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule)
     layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in groups]
     shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
-    mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared) for lay in layouts]
+    mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
     runner = GraphRunner(mods) if use_graphs else None
     head = torch.from_numpy(ana.head).to(dev)
     chan = torch.from_numpy(ana.channel).to(dev)
@@ -157,20 +162,22 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
 
     cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def dyn_call(x, t, y):
+    def dyn_call(x, t, y, graphs: bool = use_graphs):
         g = group_of(groups, t)
         key = (t, x.shape[0])
         if key not in cache:  # the runtime keeps per-t masks ready; so does the benchmark
             cache[key] = slot_masks(g, t, x.shape[0])
         hm, cm = cache[key]
         inputs = {"x": x, "t": torch.full((x.shape[0],), t, device=dev), "y": y, "head_mask": hm, "channel_mask": cm}
-        return runner(g.index, inputs) if use_graphs else mods[g.index](**inputs)
+        return runner(g.index, inputs) if graphs else mods[g.index](**inputs)
 
     gmap = {t: group_of(groups, t).gflops for t in setup.schedule}
     weights = shared.tensors()
     print(f"torch backend: {len(groups)} groups, {ana.num_architectures} distinct architectures", file=sys.stderr)
     row = _Runner("torch", dyn_call, lambda t: gmap[t], weights)
     row.tdw_masks = lambda t, b: (head[t].expand(b, -1, -1), chan[t].expand(b, -1, -1))  # decided in fp32
+    row.eager_call = lambda x, t, y: dyn_call(x, t, y, graphs=False)
+    row.groups = groups
     return static_row, row
 
 
@@ -300,19 +307,24 @@ def run_bench(
         # each row against its own eager semantics: compiled DyDiT vs the masked model, static vs full
         # width. A bundle decides TDW masks in fp32; the reference takes the same masks, else a router
         # logit within bf16 rounding of its threshold flips a whole head between the two.
+        # A bundle row is checked against the eager model in the bundle's own dtype (an fp16 bundle
+        # against fp16 eager): across dtypes, SDT decisions near the threshold differ by rounding alone.
         ref = runners["eager"]
+        ref_dtype = r.dtype or dtype
+        ref_model = eager_model if ref_dtype == dtype else copy.deepcopy(eager_model).to(_DTYPES[ref_dtype])
         if r.tdw_masks is not None:
-            def ref_call(xx, t, yy, _m=r.tdw_masks):
+            def ref_call(xx, t, yy, _m=r.tdw_masks, _model=ref_model, _dt=_DTYPES[ref_dtype]):
                 tt = torch.full((xx.shape[0],), t, device=xx.device)
-                return eager_model(xx, tt, yy, tdw_masks=_m(t, xx.shape[0]))
+                return _model(xx.to(_dt), tt, yy, tdw_masks=_m(t, xx.shape[0]))
 
             ref = _Runner("eager-dydit", ref_call, dydit.gflops_of_t)
         err, l2 = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0)
+        del ref_model
         print(f"timing {name} ...", file=sys.stderr)
         row = _measure(r, setup, x, y, repeats)
-        row.max_rel_err, row.rel_l2_err = err, l2
-        if l2 > _TOL[dtype]:  # measured, but flagged: a figure of a wrong computation is no result
-            row.status = f"CHECK FAILED: relative L2 error {l2:.2e} > {_TOL[dtype]:.0e} (max {err:.2e})"
+        row.max_rel_err, row.rel_l2_err, row.dtype = err, l2, ref_dtype
+        if l2 > _TOL[ref_dtype]:  # measured, but flagged: a figure of a wrong computation is no result
+            row.status = f"CHECK FAILED: relative L2 error {l2:.2e} > {_TOL[ref_dtype]:.0e} (max {err:.2e})"
         rows[name] = row
         print(f"{name}: {row.step_ms:.3f} ms/step, {row.s_per_image:.4f} s/image, rel L2 {l2:.1e}", file=sys.stderr)
     base = rows.get("eager")
@@ -357,6 +369,7 @@ def _bundle_runner(name: str, bundle_path: str | Path | None, ckpt, setup: Bench
         return backend.run_group(g.index, feeds)
 
     runner = _Runner(name, call, lambda t: bundle.group_for_t(t).gflops)
+    runner.dtype = bundle.dtype
     head = {t: torch.from_numpy(np.stack(bundle.masks_for_t(t)[0:1]).astype(np.float32)) for t in setup.schedule}
     chan = {t: torch.from_numpy(np.stack(bundle.masks_for_t(t)[1:2]).astype(np.float32)) for t in setup.schedule}
     runner.tdw_masks = lambda t, b: (head[t].to(dev).expand(b, -1, -1), chan[t].to(dev).expand(b, -1, -1))

@@ -78,6 +78,24 @@ def test_hopper_path_selected_and_generic_agrees(dtype):
     assert rel < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("groups", [1, 5, 16])
+@pytest.mark.parametrize("force_generic", [False, True])
+def test_shared_channel_mask(dtype, groups, force_generic):
+    """A [1, G] mask applies to every image (Hopper: one plain GEMM1 with a per-column mask)."""
+    ts, cm, gs = make_inputs(32, 256, C_XL, groups, GS_XL, dtype, keep_rate=0.5, seed=20 + groups)
+    shared = cm[:1].clone()
+    if groups > 1:
+        shared[0, 1] = 0  # at least one group off
+    check(ts, shared, gs, dtype, force_generic=force_generic)
+    # the same as the per-image form with the row repeated
+    y_shared = K.sdt_mlp(*ts, channel_mask=shared, group_size=gs, force_generic=force_generic)
+    y_rows = K.sdt_mlp(*ts, channel_mask=shared.expand(32, -1).contiguous(), group_size=gs,
+                       force_generic=force_generic)
+    rel = ((y_shared.float() - y_rows.float()).norm() / (y_rows.float() - ts[0].float()).norm()).item()
+    assert rel < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["none", "all", "one", "batch1", "no_channel_mask", "all_groups_off_but_0"])
 def test_edge_cases(dtype, case):

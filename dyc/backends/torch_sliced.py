@@ -192,9 +192,13 @@ class SlicedDiT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor] | None, layout: GroupLayout,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", use_kernel: bool = True,
-                 fuse: bool | None = None, shared: SharedWeights | None = None):
+                 fuse: bool | None = None, shared: SharedWeights | None = None, shared_masks: bool = False):
         super().__init__()
         self.cfg, self.layout = cfg, layout
+        # shared_masks: every row of a call has the same t, so row 0's channel mask serves all (the
+        # runtime's case: the scheduler picks the group by t, one t per call); lets the kernel run
+        # GEMM1 as one plain GEMM. Off, each row keeps its own masks.
+        self.shared_masks = shared_masks
         dev = torch.device(device)
         if shared is None:
             shared = SharedWeights(cfg, sd, [layout], dtype, dev)
@@ -230,8 +234,10 @@ class SlicedDiT(nn.Module):
 
     def _mlp(self, x, shift, scale, gate, keep, layer, cmask):
         args = (x, shift, scale, gate, keep, layer["fc1_w"], layer["fc1_b"], layer["fc2_w"], layer["fc2_b"])
-        if self.kernel is not None:
-            return self.kernel(*args, channel_mask=cmask, group_size=self.cfg.group_size)
+        if self.kernel is not None:  # in place: only kept rows are written, dropped rows already hold x
+            x = x.contiguous()  # a no-op after the first block (the patch embedding is a transposed view)
+            args = (x, *args[1:])
+            return self.kernel(*args, channel_mask=cmask, group_size=self.cfg.group_size, out=x)
         return sdt_mlp_torch(*args, cmask, self.cfg.group_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
@@ -239,7 +245,8 @@ class SlicedDiT(nn.Module):
         cfg, lay = self.cfg, self.layout
         b = x.shape[0]
         dt = self.patch_w.dtype
-        h = F.conv2d(x.to(dt), self.patch_w, self.patch_b, stride=cfg.patch_size).flatten(2).transpose(1, 2) + self.pos
+        h = (F.conv2d(x.to(dt), self.patch_w, self.patch_b, stride=cfg.patch_size).flatten(2).transpose(1, 2)
+             + self.pos).contiguous()
         temb = F.linear(F.silu(F.linear(timestep_embedding(t).to(dt), self.t_w1, self.t_b1)), self.t_w2, self.t_b2)
         c = temb + self.y_table[y]
         mods = F.linear(F.silu(c), self.ada_w, self.ada_b).view(b, cfg.depth, 6, cfg.hidden_size)
@@ -250,17 +257,20 @@ class SlicedDiT(nn.Module):
             a = self.ln_mod(h, sh1, sc1)
             qkv = F.linear(a, layer["qkv_w"], layer["qkv_b"])  # head-major: [B, N, nh, 3, Dh]
             q, k, v = qkv.view(b, -1, nh, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)
-            o = F.scaled_dot_product_attention(q, k, v)  # [B, nh, N, Dh]
+            # SDPA returns [B, nh, N, Dh] as a view of [B, N, nh, Dh] memory: masking after the
+            # transpose keeps that layout, so the reshape below is free (no extra copy).
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
             if lay.vary_head[l]:
                 hm = head_mask[:, l, :nh] if self.head_pick[l] is None else head_mask[:, l, self.head_pick[l]]
-                o = o * hm[:, :, None, None].to(dt)
-            o = o.transpose(1, 2).reshape(b, -1, nh * dh)
+                o = o * hm[:, None, :, None].to(dt)
+            o = o.reshape(b, -1, nh * dh)
             h = self.gate_res(h, g1, F.linear(o, layer["proj_w"], layer["proj_b"]))
             ng = len(lay.channels[l])
             cmask = None
             if lay.vary_channel[l]:
+                rows = slice(0, 1) if self.shared_masks else slice(None)
                 pick = self.group_pick[l]
-                cmask = (channel_mask[:, l, :ng] if pick is None else channel_mask[:, l, pick]).to(dt)
+                cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
             if cfg.dynamic:
                 logit = F.linear(F.relu(F.linear(h, layer["tok0_w"], layer["tok0_b"])),
                                  layer["tok2_w"], layer["tok2_b"]).squeeze(-1)
@@ -342,8 +352,8 @@ class TorchBackend(Backend):
         cfg, dt = bundle.config, _TORCH_DTYPES[dtype]
         layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in bundle.groups]
         self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
-        self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared)
-                        for lay in layouts]
+        self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
+                                  shared_masks=True) for lay in layouts]  # one t per call (scheduler)
         self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None
         self.dtype = dt
 

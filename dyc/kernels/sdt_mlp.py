@@ -23,6 +23,7 @@ __all__ = ["PluginNotBuiltError", "available", "library_path", "sdt_mlp", "sdt_m
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FLAG_FORCE_GENERIC = 1
+FLAG_SHARED_CHANNEL_MASK = 2  # channel_mask is one row [1, G] for every image
 PATHS = {0: "generic", 1: "sm90_cutlass"}
 _LIB_NAME = "libdyc_plugins.so"
 _lib: ctypes.CDLL | None = None
@@ -114,7 +115,8 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
     """The fused op on CUDA tensors. ``out`` may be ``x`` itself (in-place residual update).
 
     Shapes: x [B, N, C]; shift/scale/gate [B, C]; keep [B, N] (kept iff > 0.5); fc1_w [Hs, C];
-    fc1_b [Hs]; fc2_w [C, Hs]; fc2_b [C]; channel_mask [B, Hs // group_size] or None.
+    fc1_b [Hs]; fc2_w [C, Hs]; fc2_b [C]; channel_mask [B, Hs // group_size], or [1, Hs // group_size]
+    for one mask shared by every image (a sampler call runs one timestep: faster GEMM1 on Hopper), or None.
     """
     if not x.is_cuda:
         raise ValueError("sdt_mlp runs on CUDA tensors; use sdt_mlp_reference on CPU")
@@ -128,8 +130,9 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
     expect = {"shift": (shift, (b, c)), "scale": (scale, (b, c)), "gate": (gate, (b, c)), "keep": (keep, (b, n)),
               "fc1_w": (fc1_w, (hidden, c)), "fc1_b": (fc1_b, (hidden,)), "fc2_w": (fc2_w, (c, hidden)),
               "fc2_b": (fc2_b, (c,))}
+    shared = channel_mask is not None and channel_mask.dim() == 2 and channel_mask.shape[0] == 1
     if channel_mask is not None:
-        expect["channel_mask"] = (channel_mask, (b, hidden // gs))
+        expect["channel_mask"] = (channel_mask, (1 if shared else b, hidden // gs))
     if gs <= 0 or hidden % gs:
         raise ValueError(f"sdt_mlp: hidden {hidden} is not a multiple of group_size {gs}")
     args = {}
@@ -155,7 +158,8 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
             dt, x.data_ptr(), args["shift"].data_ptr(), args["scale"].data_ptr(), args["gate"].data_ptr(),
             args["keep"].data_ptr(), args["fc1_w"].data_ptr(), args["fc1_b"].data_ptr(), args["fc2_w"].data_ptr(),
             args["fc2_b"].data_ptr(), cm.data_ptr() if cm is not None else None, out.data_ptr(), b, n, c, hidden, gs,
-            float(eps), ws.data_ptr(), int(ws_bytes), FLAG_FORCE_GENERIC if force_generic else 0, stream)
+            float(eps), ws.data_ptr(), int(ws_bytes),
+            (FLAG_FORCE_GENERIC if force_generic else 0) | (FLAG_SHARED_CHANNEL_MASK if shared else 0), stream)
     if status != 0:
         raise RuntimeError(f"dyc_sdt_mlp_forward failed: {lib.dyc_sdt_mlp_status_string(status).decode()} "
                            f"(status {status})")

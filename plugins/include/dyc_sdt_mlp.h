@@ -59,6 +59,10 @@ typedef enum dyc_status {
 #define DYC_SDT_MLP_FLAG_NONE 0u
 /* Use the portable tiled kernels even where the Hopper (CUTLASS/wgmma) path applies; for tests. */
 #define DYC_SDT_MLP_FLAG_FORCE_GENERIC 1u
+/* channel_mask holds one row [G] that applies to every image (a sampler call runs one timestep, so
+   its TDW masks are the same for all rows). Lets the Hopper path run GEMM1 as one plain GEMM whose
+   epilogue multiplies by a per-column mask, instead of one GEMM batch per channel group. */
+#define DYC_SDT_MLP_FLAG_SHARED_CHANNEL_MASK 2u
 
 /* Kernel paths, as reported by dyc_sdt_mlp_select_path. */
 #define DYC_SDT_MLP_PATH_GENERIC 0

@@ -21,12 +21,14 @@ def main() -> None:
                     return torch.randn(*s, generator=g, device="cuda").to(dt)
 
                 keep = (torch.rand(b, n, generator=g, device="cuda") < rate).to(dtype)
-                cm = torch.ones(b, groups, device="cuda", dtype=dtype)
                 w1, w2 = r(hs, c) * c**-0.5, r(c, hs) * hs**-0.5
-                y = K.sdt_mlp(r(b, n, c), r(b, c), r(b, c), r(b, c), keep, w1, r(hs), w2, r(c), channel_mask=cm,
-                              group_size=gs, force_generic=generic)
-                torch.cuda.synchronize()
-                assert torch.isfinite(y).all()
+                # per-image mask (group-batched GEMM1), shared [1, G] mask (column mask), none (plain)
+                for cm in (torch.ones(b, groups, device="cuda", dtype=dtype),
+                           torch.ones(1, groups, device="cuda", dtype=dtype), None):
+                    y = K.sdt_mlp(r(b, n, c), r(b, c), r(b, c), r(b, c), keep, w1, r(hs), w2, r(c), channel_mask=cm,
+                                  group_size=gs, force_generic=generic)
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(y).all()
     print("sanitize_case: done")
 
 

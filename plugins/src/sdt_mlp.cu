@@ -108,9 +108,11 @@ __global__ void __launch_bounds__(kLnWarps * 32)
     gather_ln_kernel(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
                      const T* __restrict__ chmask, const int* __restrict__ idx, const int* __restrict__ count,
                      int rows, int tokens, int C, int G, float eps, T* __restrict__ a, float* __restrict__ mask,
-                     int64_t ldm) {
+                     int64_t ldm, int mask_stride, float* __restrict__ colmask, int gs) {
   const int m = blockIdx.x * kLnWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
+  if (colmask && blockIdx.x == 0)  // shared mask: one value per hidden column, for GEMM1's epilogue
+    for (int n = threadIdx.x; n < G * gs; n += blockDim.x) colmask[n] = to_f(chmask[n / gs]);
   if (m >= rows || m >= *count) return;
   const int r = idx[m];
   const int b = r / tokens;
@@ -147,8 +149,9 @@ __global__ void __launch_bounds__(kLnWarps * 32)
       o.v[i] = from_f<T>((to_f(v.v[i]) - mean) * rstd * (1.f + to_f(vs.v[i])) + to_f(vh.v[i]));
     *reinterpret_cast<V*>(out + c) = o;
   }
-  for (int g = lane; g < G; g += 32)
-    mask[g * ldm + m] = chmask ? to_f(chmask[static_cast<size_t>(b) * G + g]) : 1.f;
+  if (mask)
+    for (int g = lane; g < G; g += 32)
+      mask[g * ldm + m] = chmask ? to_f(chmask[static_cast<size_t>(b) * mask_stride + g]) : 1.f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ template <class T>
 int run(const void* x_, const void* shift_, const void* scale_, const void* gate_, const void* keep_,
         const void* fc1_w_, const void* fc1_b_, const void* fc2_w_, const void* fc2_b_, const void* chmask_,
         void* y_, int64_t batch, int64_t tokens, int64_t C, int64_t Hs, int64_t gs, float eps, const Workspace& ws,
-        int path, int dtype, cudaStream_t stream) {
+        int path, int dtype, bool shared_mask, cudaStream_t stream) {
   const T* x = static_cast<const T*>(x_);
   const T* gate = static_cast<const T*>(gate_);
   T* y = static_cast<T*>(y_);
@@ -323,20 +326,28 @@ int run(const void* x_, const void* shift_, const void* scale_, const void* gate
   const bool vec_ok = C % kVec == 0 && aligned16(x_) && aligned16(shift_) && aligned16(scale_) &&
                       aligned16(gate_) && aligned16(y_);
   const unsigned ln_blocks = static_cast<unsigned>((rows + kLnWarps - 1) / kLnWarps);
+  // Hopper with a shared mask: GEMM1's epilogue reads a per-column mask, no per-row table.
+  const bool sm90 = path == DYC_SDT_MLP_PATH_SM90_CUTLASS;
+  float* colmask = chmask_ && shared_mask && sm90 ? ws.colmask : nullptr;
+  float* rowmask = colmask || (sm90 && !chmask_) ? nullptr : ws.mask;
+  const int mask_stride = shared_mask ? 0 : G;
   if (vec_ok)
     gather_ln_kernel<T, kVec><<<ln_blocks, kLnWarps * 32, 0, stream>>>(
         x, static_cast<const T*>(shift_), static_cast<const T*>(scale_), static_cast<const T*>(chmask_), ws.idx,
-        ws.count, rows, static_cast<int>(tokens), static_cast<int>(C), G, eps, static_cast<T*>(ws.a), ws.mask, ldm);
+        ws.count, rows, static_cast<int>(tokens), static_cast<int>(C), G, eps, static_cast<T*>(ws.a), rowmask, ldm,
+        mask_stride, colmask, static_cast<int>(gs));
   else
     gather_ln_kernel<T, 1><<<ln_blocks, kLnWarps * 32, 0, stream>>>(
         x, static_cast<const T*>(shift_), static_cast<const T*>(scale_), static_cast<const T*>(chmask_), ws.idx,
-        ws.count, rows, static_cast<int>(tokens), static_cast<int>(C), G, eps, static_cast<T*>(ws.a), ws.mask, ldm);
+        ws.count, rows, static_cast<int>(tokens), static_cast<int>(C), G, eps, static_cast<T*>(ws.a), rowmask, ldm,
+        mask_stride, colmask, static_cast<int>(gs));
   if (cudaGetLastError() != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
 
-  if (path == DYC_SDT_MLP_PATH_SM90_CUTLASS) {
+  if (sm90) {
     Sm90Args a{dtype, rows, C, Hs, gs, fc1_w_, fc1_b_, fc2_w_, fc2_b_, ws, stream};
-    // with a channel mask, GEMM1 batches the channel groups so the mask is a per-row vector
-    const cudaError_t e1 = chmask_ ? sm90_gemm1(a) : sm90_gemm1_plain(a);
+    // a per-image channel mask: GEMM1 batches the channel groups so the mask is a per-row vector;
+    // a shared one: one plain GEMM with a per-column mask in the epilogue
+    const cudaError_t e1 = !chmask_ ? sm90_gemm1_plain(a) : colmask ? sm90_gemm1_colmask(a) : sm90_gemm1(a);
     if (e1 != cudaSuccess || sm90_gemm2(a) != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
   } else {
     const dim3 g1(static_cast<unsigned>((Hs + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
@@ -428,17 +439,18 @@ int dyc_sdt_mlp_forward(int dtype, const void* x, const void* shift, const void*
   if (path == DYC_SDT_MLP_PATH_SM90_CUTLASS &&
       !(dyc::aligned16(fc1_w) && dyc::aligned16(fc1_b) && dyc::aligned16(fc2_w) && dyc::aligned16(fc2_b)))
     path = DYC_SDT_MLP_PATH_GENERIC;  // TMA and the vectorised bias loads need 16-byte alignment
+  const bool shared = (flags & DYC_SDT_MLP_FLAG_SHARED_CHANNEL_MASK) != 0;
 
   switch (dtype) {
     case DYC_DTYPE_FLOAT32:
       return dyc::run<float>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y, batch, tokens,
-                             channels, hidden, group_size, eps, ws, path, dtype, stream);
+                             channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
     case DYC_DTYPE_FLOAT16:
       return dyc::run<__half>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y, batch,
-                              tokens, channels, hidden, group_size, eps, ws, path, dtype, stream);
+                              tokens, channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
     case DYC_DTYPE_BFLOAT16:
       return dyc::run<__nv_bfloat16>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y,
-                                     batch, tokens, channels, hidden, group_size, eps, ws, path, dtype, stream);
+                                     batch, tokens, channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
     default: return DYC_STATUS_INVALID_ARGUMENT;
   }
 }

@@ -21,6 +21,7 @@ struct Workspace {
   int* pos = nullptr;       // [rows] flat token row -> compact position, -1 if dropped
   int* count = nullptr;     // [1] number of kept tokens (device-side only)
   float* mask = nullptr;    // [G, rows_pad] channel-group mask of each compact row
+  float* colmask = nullptr; // [Hs] shared channel mask expanded to columns (FLAG_SHARED_CHANNEL_MASK)
   void* a = nullptr;        // [rows, C] LN+modulated kept tokens
   void* h = nullptr;        // [rows, Hs] GELU(fc1) of kept tokens
   void* d = nullptr;        // [rows, C] fc2 output of kept tokens
@@ -40,6 +41,7 @@ inline Workspace carve_workspace(void* base, size_t elem, int64_t rows, int64_t 
   w.pos = reinterpret_cast<int*>(take(sizeof(int) * rows));
   w.count = reinterpret_cast<int*>(take(sizeof(int)));
   w.mask = reinterpret_cast<float*>(take(sizeof(float) * groups * pad_rows(rows)));
+  w.colmask = reinterpret_cast<float*>(take(sizeof(float) * hidden));
   w.a = take(elem * rows * channels);
   w.h = take(elem * rows * hidden);
   w.d = take(elem * rows * channels);
@@ -63,6 +65,7 @@ struct Sm90Args {
 bool sm90_compiled();
 cudaError_t sm90_gemm1(const Sm90Args& a);  // ws.h = gelu(mask * (ws.a @ fc1_w^T + fc1_b))
 cudaError_t sm90_gemm1_plain(const Sm90Args& a);  // ws.h = gelu(ws.a @ fc1_w^T + fc1_b), no channel mask
+cudaError_t sm90_gemm1_colmask(const Sm90Args& a);  // ws.h = gelu(ws.a @ fc1_w^T + fc1_b) * ws.colmask[n]
 cudaError_t sm90_gemm2(const Sm90Args& a);  // ws.d = ws.h @ fc2_w^T + fc2_b
 
 }  // namespace dyc

@@ -29,6 +29,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 // 144-wide wgmma atoms (tile N = group_size/2) are behind this switch in CuTe.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -49,19 +51,22 @@ namespace {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
-// GELU, tanh approximation (PyTorch's gelu(approximate="tanh")), as x·sigmoid(2u): one fast exp and
-// a reciprocal; exact 0 for very negative x (rcp(inf) = 0). Outputs are fp16/bf16, far coarser
-// than the approximation error (~1e-6 relative).
+// GELU, tanh approximation (PyTorch's gelu(approximate="tanh")): 0.5·x·(1 + tanh(u)) with the
+// hardware tanh (tanh.approx.f32, one MUFU op, max relative error ~2^-11). The epilogue's GELU runs
+// on every element of H; an IEEE reciprocal (__frcp_rn) there made GEMM1 twice as slow as the same
+// GEMM without it (bench/RESULTS.md, GEMM1 sweep). Outputs are fp16/bf16, coarser than the error.
 template <class T>
 struct GeluTanh {
   CUTLASS_HOST_DEVICE T operator()(T const& x) const {
     const float xf = static_cast<float>(x);
     const float u = 0.7978845608028654f * (xf + 0.044715f * xf * xf * xf);
 #if defined(__CUDA_ARCH__)
-    return T(xf * __frcp_rn(1.0f + __expf(-2.0f * u)));
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(u));
 #else
-    return T(xf / (1.0f + std::exp(-2.0f * u)));
+    const float t = std::tanh(u);
 #endif
+    return T(0.5f * xf * (1.0f + t));
   }
 };
 template <class T, int N>
@@ -222,6 +227,18 @@ using Gemm1PlainEVT = fusion::Sm90EVT<
 template <class Element, int V>
 using Gemm1Plain = typename KernelFor<Element, TileFor<V>, Gemm1PlainEVT<Element, TileFor<V>>, V>::Kernel;
 
+// GEMM1 with a channel mask shared by all images: gelu(acc + fc1_b[n]) * colmask[n] (masks are 0/1,
+// so this equals gelu(mask * (acc + b)) of the per-row form).
+template <class Element, class Tile>
+using Gemm1ColMaskEVT = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::multiplies, Element, float, kRound>,
+    fusion::Sm90EVT<fusion::Sm90Compute<GeluTanh, float, float, kRound>,
+                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>, fusion::Sm90AccFetch,
+                                    fusion::Sm90RowBroadcast<0, Tile, Element, float, Stride<_0, _1, _0>>>>,
+    fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, _0>>>;
+template <class Element, int V>
+using Gemm1ColMask = typename KernelFor<Element, TileFor<V>, Gemm1ColMaskEVT<Element, TileFor<V>>, V>::Kernel;
+
 // GEMM2: C = 1152 = 8 x 144, so the M-tile count (a multiple of 16 at XL shapes) times 8 N-tiles
 // fills the 132 SMs in nearly whole waves; 128-wide tiles (9 per row) leave a 2.2-wave tail.
 template <class Element, class Tile>
@@ -328,6 +345,30 @@ cudaError_t gemm1_plain(const Sm90Args& a) {
 }
 
 template <class Element, int V>
+cudaError_t gemm1_colmask(const Sm90Args& a) {
+  using K = Gemm1ColMask<Element, V>;
+  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.hidden), Kd = static_cast<int>(a.channels);
+  typename K::StrideA sA = make_stride(int64_t(a.channels), _1{}, int64_t(0));
+  typename K::StrideB sB = make_stride(int64_t(a.channels), _1{}, int64_t(0));
+  typename K::StrideD sD = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
+  typename K::StrideC sC{};
+  typename K::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = make_shape(M, N, Kd, 1);
+  args.mainloop = {static_cast<Element const*>(a.ws.a), sA, static_cast<Element const*>(a.fc1_w), sB};
+  // {mul-node {gelu-node {plus-node {acc, bias, op}, op}, colmask, op}}
+  args.epilogue.thread = {{{{}, {static_cast<Element const*>(a.fc1_b), Element(0), {}}, {}}, {}},
+                          {a.ws.colmask, 0.f, {}},
+                          {}};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sC;
+  args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
+  args.epilogue.dD = sD;
+  args.hw_info.sm_count = sm_count();
+  return launch<V, K>(args, a.ws.count, a.stream);
+}
+
+template <class Element, int V>
 cudaError_t gemm2(const Sm90Args& a) {
   using K = Gemm2<Element, V>;
   const int M = static_cast<int>(a.rows), N = static_cast<int>(a.channels), Kd = static_cast<int>(a.hidden);
@@ -351,10 +392,25 @@ cudaError_t gemm2(const Sm90Args& a) {
 // Kernel per GEMM, chosen on H100 at DiT-XL shapes (bench/RESULTS.md): GEMM1 (K = C, short) ran
 // fastest as one CTA per tile (tma) -- 166 us vs 210 (coop) and 247 (ping-pong) at 4096 kept rows;
 // GEMM2 (K = Hs, long) as the persistent cooperative kernel -- 58 us vs 70 (tma), cuBLAS 57 us.
+// The plain and column-masked GEMM1 are built both ways; DYC_SM90_GEMM1=tma|coop picks one at run
+// time (for benchmarks), default coop (GEMM1 sweep with the fast GELU: bench/RESULTS.md).
+inline int gemm1_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("DYC_SM90_GEMM1");
+    return e && std::strcmp(e, "tma") == 0 ? 0 : 2;
+  }();
+  return v;
+}
 template <class E>
 cudaError_t run_gemm1(const Sm90Args& a) { return gemm1<E, 0>(a); }
 template <class E>
-cudaError_t run_gemm1_plain(const Sm90Args& a) { return gemm1_plain<E, 0>(a); }
+cudaError_t run_gemm1_plain(const Sm90Args& a) {
+  return gemm1_variant() == 0 ? gemm1_plain<E, 0>(a) : gemm1_plain<E, 2>(a);
+}
+template <class E>
+cudaError_t run_gemm1_colmask(const Sm90Args& a) {
+  return gemm1_variant() == 0 ? gemm1_colmask<E, 0>(a) : gemm1_colmask<E, 2>(a);
+}
 template <class E>
 cudaError_t run_gemm2(const Sm90Args& a) { return gemm2<E, 2>(a); }
 
@@ -371,6 +427,11 @@ cudaError_t sm90_gemm1(const Sm90Args& a) {
 #if defined(DYC_SM90_PART_GEMM1_PLAIN)
 cudaError_t sm90_gemm1_plain(const Sm90Args& a) {
   return a.dtype == 1 ? run_gemm1_plain<cutlass::half_t>(a) : run_gemm1_plain<cutlass::bfloat16_t>(a);
+}
+#endif
+#if defined(DYC_SM90_PART_GEMM1_COLMASK)
+cudaError_t sm90_gemm1_colmask(const Sm90Args& a) {
+  return a.dtype == 1 ? run_gemm1_colmask<cutlass::half_t>(a) : run_gemm1_colmask<cutlass::bfloat16_t>(a);
 }
 #endif
 #if defined(DYC_SM90_PART_GEMM2)
@@ -390,6 +451,9 @@ cudaError_t sm90_gemm1(const Sm90Args&) { return cudaErrorNotSupported; }
 #endif
 #if defined(DYC_SM90_PART_GEMM1_PLAIN)
 cudaError_t sm90_gemm1_plain(const Sm90Args&) { return cudaErrorNotSupported; }
+#endif
+#if defined(DYC_SM90_PART_GEMM1_COLMASK)
+cudaError_t sm90_gemm1_colmask(const Sm90Args&) { return cudaErrorNotSupported; }
 #endif
 #if defined(DYC_SM90_PART_GEMM2)
 cudaError_t sm90_gemm2(const Sm90Args&) { return cudaErrorNotSupported; }
