@@ -185,12 +185,14 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     dev = setup.device
     row = Row(runner.name)
     with torch.no_grad():
-        for t in setup.schedule:  # warm-up: every group once, graphs captured
-            runner.call(x, t, y)
+        # peak activation memory from before the warm-up: CUDA graphs take theirs at capture
         _sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        for t in setup.schedule:  # warm-up: every group once, graphs captured
+            runner.call(x, t, y)
+        _sync(dev)
         per_t = {t: [] for t in setup.schedule}
         for _ in range(repeats):
             for t in setup.schedule:

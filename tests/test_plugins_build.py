@@ -119,7 +119,7 @@ def abi(built_lib):
     lib.dyc_sdt_mlp_workspace_size.restype = ctypes.c_size_t
     lib.dyc_sdt_mlp_workspace_size.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64]
     lib.dyc_sdt_mlp_select_path.argtypes = [ctypes.c_int, i64, i64, i64, ctypes.c_int, u32]
-    lib.dyc_sdt_mlp_forward.argtypes = [ctypes.c_int] + [vp] * 11 + [i64] * 5 + [ctypes.c_float, vp, ctypes.c_size_t,
+    lib.dyc_sdt_mlp_forward.argtypes = [ctypes.c_int] + [vp] * 11 + [i64] * 6 + [ctypes.c_float, vp, ctypes.c_size_t,
                                                                                u32, vp]
     return lib
 
@@ -139,12 +139,13 @@ def test_abi_exports_only_the_c_api(built_lib):
 
 @pytest.mark.slow
 def test_abi_version_and_workspace(abi):
-    assert abi.dyc_sdt_mlp_version().decode().startswith("0.1.0+abi1")
+    assert abi.dyc_sdt_mlp_version().decode().startswith("0.1.0+abi2")
     assert abi.dyc_sdt_mlp_status_string(0) == b"ok"
-    # idx, pos (int32 per row), count, fp32 group mask, then A [rows, C], H [rows, Hs], D [rows, C] in T
+    # idx, pos (int32 per row), count, fp32 group mask, fp32 column mask, then A [rows, C], H [rows, Hs],
+    # D [rows, C] in T
     rows, c, hs, groups = 32 * 256, 1152, 4608, 16
     size = abi.dyc_sdt_mlp_workspace_size(2, 32, 256, c, hs, 288)
-    payload = 2 * 4 * rows + 4 * groups * rows + 2 * (2 * rows * c + rows * hs)
+    payload = 2 * 4 * rows + 4 * groups * rows + 4 * hs + 2 * (2 * rows * c + rows * hs)
     assert payload <= size <= payload + 8 * 256
     assert abi.dyc_sdt_mlp_workspace_size(0, 32, 256, c, hs, 288) > size  # fp32 intermediates
     assert abi.dyc_sdt_mlp_workspace_size(2, 32, 256, c, hs, 500) == 0  # hidden % group_size != 0
@@ -156,14 +157,16 @@ def test_abi_validates_before_touching_the_gpu(abi):
     p = ctypes.c_void_p(256)  # never dereferenced: validation fails first
     args = [p] * 9  # x .. fc2_b
     # bad dtype, bad group size -> invalid argument
-    assert abi.dyc_sdt_mlp_forward(9, *args, None, p, 2, 4, 8, 16, 8, 1e-6, p, 1 << 20, 0, None) == 1
-    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 5, 1e-6, p, 1 << 20, 0, None) == 1
+    assert abi.dyc_sdt_mlp_forward(9, *args, None, p, 2, 4, 8, 16, 8, 0, 1e-6, p, 1 << 20, 0, None) == 1
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 5, 0, 1e-6, p, 1 << 20, 0, None) == 1
+    # fc2_w row stride below hidden -> invalid argument
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 15, 1e-6, p, 1 << 20, 0, None) == 1
     # missing input -> invalid argument; missing / small workspace -> workspace status
-    assert abi.dyc_sdt_mlp_forward(2, None, *args[1:], None, p, 2, 4, 8, 16, 8, 1e-6, p, 1 << 20, 0, None) == 1
-    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 1e-6, None, 0, 0, None) == 2
-    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 1e-6, p, 16, 0, None) == 2
+    assert abi.dyc_sdt_mlp_forward(2, None, *args[1:], None, p, 2, 4, 8, 16, 8, 0, 1e-6, p, 1 << 20, 0, None) == 1
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 0, 1e-6, None, 0, 0, None) == 2
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 2, 4, 8, 16, 8, 0, 1e-6, p, 16, 0, None) == 2
     # an empty batch is a no-op
-    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 0, 4, 8, 16, 8, 1e-6, None, 0, 0, None) == 0
+    assert abi.dyc_sdt_mlp_forward(2, *args, None, p, 0, 4, 8, 16, 8, 0, 1e-6, None, 0, 0, None) == 0
     if not torch.cuda.is_available():  # no device: the portable path is what would be chosen
         assert abi.dyc_sdt_mlp_select_path(2, 1152, 4608, 288, 0, 0) == 0
     assert abi.dyc_sdt_mlp_select_path(2, 1152, 4608, 288, 0, 1) == 0  # FORCE_GENERIC

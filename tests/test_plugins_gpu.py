@@ -165,3 +165,14 @@ def test_bad_arguments_raise():
         K.sdt_mlp(*ts, channel_mask=cm, group_size=48)  # hidden 64 is not a multiple of 48
     with pytest.raises(ValueError):
         K.sdt_mlp(ts[0][:, :, :32], *ts[1:], channel_mask=cm, group_size=gs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fc2_column_slice_read_in_place(dtype):
+    """fc2_w as a column slice of a wider matrix (shared weights): read through its row stride."""
+    ts, cm, gs = make_inputs(8, 256, C_XL, 4, GS_XL, dtype, seed=9)
+    wide = torch.randn(C_XL, 7 * GS_XL, device="cuda").to(dtype) * (4 * GS_XL) ** -0.5
+    wide[:, : 4 * GS_XL] = ts[7]
+    ts[7] = wide[:, : 4 * GS_XL]
+    assert not ts[7].is_contiguous()
+    check(ts, cm, gs, dtype)

@@ -96,23 +96,24 @@ def test_torch_backend_pipeline_matches_eager_on_a_bundle(tmp_path):
 
 
 def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
-    """shared_masks (one t per call, the runtime's case) reads row 0's channel mask for every row."""
+    """shared_masks (one t per call, the runtime's case) reads row 0's head and channel masks for every row."""
     cfg = tiny_config(depth=3)
     model = random_model(cfg, seed=5, router_scale=3.0)
     ts = torch.tensor([100, 400, 700])
     hm, cm = (m.numpy() > 0.5 for m in model.tdw_masks(ts))
     layout, hslot, cslot = _layout_for(hm, cm)
-    assert any(layout.vary_channel)
+    assert any(layout.vary_channel) and any(layout.vary_head)
     shared = SlicedDiT(cfg, model.state_dict(), layout, shared_masks=True)
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
     for i, t in enumerate(ts.tolist()):
         rows_t = torch.full((3,), t)
         hs = torch.from_numpy(np.repeat(hslot[i : i + 1], 3, axis=0))
         cs = torch.from_numpy(np.repeat(cslot[i : i + 1], 3, axis=0))
-        cs_other = cs.clone()
-        cs_other[1:] = 1 - cs_other[1:]  # rows past 0 are ignored for channels
+        cs_other, hs_other = cs.clone(), hs.clone()
+        cs_other[1:] = 1 - cs_other[1:]  # rows past 0 are ignored
+        hs_other[1:] = 1 - hs_other[1:]
         with torch.no_grad():
             want = model(x, rows_t, y)
             torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs, channel_mask=cs), want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs, channel_mask=cs_other), want,
+            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs_other, channel_mask=cs_other), want,
                                        rtol=1e-5, atol=1e-5)

@@ -70,7 +70,7 @@ def _load() -> ctypes.CDLL:
     lib.dyc_sdt_mlp_select_path.restype = ctypes.c_int
     lib.dyc_sdt_mlp_select_path.argtypes = [ctypes.c_int, i64, i64, i64, ctypes.c_int, u32]
     lib.dyc_sdt_mlp_forward.restype = ctypes.c_int
-    lib.dyc_sdt_mlp_forward.argtypes = [ctypes.c_int] + [vp] * 11 + [i64] * 5 + [ctypes.c_float, vp, ctypes.c_size_t,
+    lib.dyc_sdt_mlp_forward.argtypes = [ctypes.c_int] + [vp] * 11 + [i64] * 6 + [ctypes.c_float, vp, ctypes.c_size_t,
                                                                                u32, vp]
     _lib = lib
     return lib
@@ -135,13 +135,16 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
         expect["channel_mask"] = (channel_mask, (1 if shared else b, hidden // gs))
     if gs <= 0 or hidden % gs:
         raise ValueError(f"sdt_mlp: hidden {hidden} is not a multiple of group_size {gs}")
+    # fc2_w may be a column slice of a wider matrix (weights shared between engines): read in place
+    fc2_ld = fc2_w.stride(0) if fc2_w.dtype == x.dtype and fc2_w.stride(1) == 1 and fc2_w.stride(0) >= hidden else 0
     args = {}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"sdt_mlp: {name} must be {shape}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"sdt_mlp: {name} is on {t.device}, x on {x.device}")
-        args[name] = t.to(x.dtype).contiguous()  # masks may come as bool/float; all share x's dtype
+        # masks may come as bool/float; all share x's dtype
+        args[name] = t if (name == "fc2_w" and fc2_ld) else t.to(x.dtype).contiguous()
     x = x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -158,7 +161,7 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
             dt, x.data_ptr(), args["shift"].data_ptr(), args["scale"].data_ptr(), args["gate"].data_ptr(),
             args["keep"].data_ptr(), args["fc1_w"].data_ptr(), args["fc1_b"].data_ptr(), args["fc2_w"].data_ptr(),
             args["fc2_b"].data_ptr(), cm.data_ptr() if cm is not None else None, out.data_ptr(), b, n, c, hidden, gs,
-            float(eps), ws.data_ptr(), int(ws_bytes),
+            fc2_ld, float(eps), ws.data_ptr(), int(ws_bytes),
             (FLAG_FORCE_GENERIC if force_generic else 0) | (FLAG_SHARED_CHANNEL_MASK if shared else 0), stream)
     if status != 0:
         raise RuntimeError(f"dyc_sdt_mlp_forward failed: {lib.dyc_sdt_mlp_status_string(status).decode()} "

@@ -39,7 +39,7 @@
 extern "C" {
 #endif
 
-#define DYC_SDT_MLP_ABI_VERSION 1
+#define DYC_SDT_MLP_ABI_VERSION 2
 
 typedef enum dyc_dtype {
   DYC_DTYPE_FLOAT32 = 0,
@@ -82,13 +82,15 @@ DYC_API size_t dyc_sdt_mlp_workspace_size(int dtype, int64_t batch, int64_t toke
 DYC_API int dyc_sdt_mlp_select_path(int dtype, int64_t channels, int64_t hidden, int64_t group_size,
                                     int device, uint32_t flags);
 
-/* Enqueue the op on `stream`. Returns a dyc_status_t; launches nothing unless it returns OK. */
+/* Enqueue the op on `stream`. Returns a dyc_status_t; launches nothing unless it returns OK.
+   fc2_w_ld: elements between rows of fc2_w [channels, hidden]; 0 means hidden (contiguous). A
+   larger value reads a column slice of a wider matrix in place (weights shared between engines). */
 DYC_API int dyc_sdt_mlp_forward(int dtype, const void* x, const void* shift, const void* scale,
                                 const void* gate, const void* keep, const void* fc1_w, const void* fc1_b,
                                 const void* fc2_w, const void* fc2_b, const void* channel_mask, void* y,
                                 int64_t batch, int64_t tokens, int64_t channels, int64_t hidden,
-                                int64_t group_size, float eps, void* workspace, size_t workspace_size,
-                                uint32_t flags, cudaStream_t stream);
+                                int64_t group_size, int64_t fc2_w_ld, float eps, void* workspace,
+                                size_t workspace_size, uint32_t flags, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -113,7 +113,7 @@ struct SdtMlpCudaKernel {
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int st = dyc_sdt_mlp_forward(dtype, ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5), ptr(6), ptr(7), ptr(8),
                                        d.has_mask ? ptr(9) : nullptr, y.GetTensorMutableRawData(), d.B, d.N, d.C,
-                                       d.Hs, d.gs, at.eps, ws, ws_bytes, 0u, stream);
+                                       d.Hs, d.gs, 0, at.eps, ws, ws_bytes, 0u, stream);
     if (raw) alloc->Free(alloc, raw);
     if (st != DYC_STATUS_OK)
       ORT_CXX_API_THROW(std::string("SdtMlp: dyc_sdt_mlp_forward: ") + dyc_sdt_mlp_status_string(st), ORT_FAIL);

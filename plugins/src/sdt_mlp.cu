@@ -166,7 +166,7 @@ template <class T, Epi E>
 __global__ void __launch_bounds__(kGemmThreads)
     generic_gemm_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ bias,
                         const float* __restrict__ mask, int64_t ldm, int group_size, const int* __restrict__ count,
-                        int rows, int N, int K, T* __restrict__ out) {
+                        int rows, int N, int K, int64_t ldb, T* __restrict__ out) {
   const int cnt = min(*count, rows);
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   if (m0 >= cnt) return;  // tiles past the device-side token count do nothing
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kGemmThreads)
       const int k = k0 + lk + i;
       const int am = m0 + lr, bn = n0 + lr;
       As[lk + i][lr] = (am < cnt && k < K) ? to_f(A[static_cast<size_t>(am) * K + k]) : 0.f;
-      Bs[lk + i][lr] = (bn < N && k < K) ? to_f(B[static_cast<size_t>(bn) * K + k]) : 0.f;
+      Bs[lk + i][lr] = (bn < N && k < K) ? to_f(B[static_cast<size_t>(bn) * ldb + k]) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -310,7 +310,8 @@ int select_path(int dtype, int64_t channels, int64_t hidden, int64_t group_size,
 template <class T>
 int run(const void* x_, const void* shift_, const void* scale_, const void* gate_, const void* keep_,
         const void* fc1_w_, const void* fc1_b_, const void* fc2_w_, const void* fc2_b_, const void* chmask_,
-        void* y_, int64_t batch, int64_t tokens, int64_t C, int64_t Hs, int64_t gs, float eps, const Workspace& ws,
+        void* y_, int64_t batch, int64_t tokens, int64_t C, int64_t Hs, int64_t gs, int64_t fc2_ld, float eps,
+        const Workspace& ws,
         int path, int dtype, bool shared_mask, cudaStream_t stream) {
   const T* x = static_cast<const T*>(x_);
   const T* gate = static_cast<const T*>(gate_);
@@ -344,7 +345,7 @@ int run(const void* x_, const void* shift_, const void* scale_, const void* gate
   if (cudaGetLastError() != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
 
   if (sm90) {
-    Sm90Args a{dtype, rows, C, Hs, gs, fc1_w_, fc1_b_, fc2_w_, fc2_b_, ws, stream};
+    Sm90Args a{dtype, rows, C, Hs, gs, fc2_ld, fc1_w_, fc1_b_, fc2_w_, fc2_b_, ws, stream};
     // a per-image channel mask: GEMM1 batches the channel groups so the mask is a per-row vector;
     // a shared one: one plain GEMM with a per-column mask in the epilogue
     const cudaError_t e1 = !chmask_ ? sm90_gemm1_plain(a) : colmask ? sm90_gemm1_colmask(a) : sm90_gemm1(a);
@@ -353,11 +354,11 @@ int run(const void* x_, const void* shift_, const void* scale_, const void* gate
     const dim3 g1(static_cast<unsigned>((Hs + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
     generic_gemm_kernel<T, Epi::kFc1><<<g1, kGemmThreads, 0, stream>>>(
         static_cast<const T*>(ws.a), static_cast<const T*>(fc1_w_), static_cast<const T*>(fc1_b_), ws.mask, ldm,
-        static_cast<int>(gs), ws.count, rows, static_cast<int>(Hs), static_cast<int>(C), static_cast<T*>(ws.h));
+        static_cast<int>(gs), ws.count, rows, static_cast<int>(Hs), static_cast<int>(C), C, static_cast<T*>(ws.h));
     const dim3 g2(static_cast<unsigned>((C + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
     generic_gemm_kernel<T, Epi::kFc2><<<g2, kGemmThreads, 0, stream>>>(
         static_cast<const T*>(ws.h), static_cast<const T*>(fc2_w_), static_cast<const T*>(fc2_b_), nullptr, 0, 1,
-        ws.count, rows, static_cast<int>(C), static_cast<int>(Hs), static_cast<T*>(ws.d));
+        ws.count, rows, static_cast<int>(C), static_cast<int>(Hs), fc2_ld, static_cast<T*>(ws.d));
     if (cudaGetLastError() != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
   }
 
@@ -391,7 +392,7 @@ int run(const void* x_, const void* shift_, const void* scale_, const void* gate
 extern "C" {
 
 const char* dyc_sdt_mlp_version(void) {
-  return DYC_VERSION_STRING "+abi1 (" DYC_ARCH_STRING ")";
+  return DYC_VERSION_STRING "+abi2 (" DYC_ARCH_STRING ")";
 }
 
 const char* dyc_sdt_mlp_status_string(int status) {
@@ -420,11 +421,13 @@ int dyc_sdt_mlp_select_path(int dtype, int64_t channels, int64_t hidden, int64_t
 int dyc_sdt_mlp_forward(int dtype, const void* x, const void* shift, const void* scale, const void* gate,
                         const void* keep, const void* fc1_w, const void* fc1_b, const void* fc2_w, const void* fc2_b,
                         const void* channel_mask, void* y, int64_t batch, int64_t tokens, int64_t channels,
-                        int64_t hidden, int64_t group_size, float eps, void* workspace, size_t workspace_size,
-                        uint32_t flags, cudaStream_t stream) {
+                        int64_t hidden, int64_t group_size, int64_t fc2_w_ld, float eps, void* workspace,
+                        size_t workspace_size, uint32_t flags, cudaStream_t stream) {
   const size_t es = dyc::elem_size(dtype);
   if (!es || !dyc::sizes_ok(batch, tokens, channels, hidden, group_size) || !(eps >= 0.f))
     return DYC_STATUS_INVALID_ARGUMENT;
+  const int64_t fc2_ld = fc2_w_ld ? fc2_w_ld : hidden;
+  if (fc2_ld < hidden) return DYC_STATUS_INVALID_ARGUMENT;
   if (batch * tokens == 0) return DYC_STATUS_OK;  // empty batch: nothing to do
   if (!x || !shift || !scale || !gate || !keep || !fc1_w || !fc1_b || !fc2_w || !fc2_b || !y)
     return DYC_STATUS_INVALID_ARGUMENT;
@@ -437,20 +440,22 @@ int dyc_sdt_mlp_forward(int dtype, const void* x, const void* shift, const void*
   if (cudaGetDevice(&device) != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
   int path = dyc::select_path(dtype, channels, hidden, group_size, device, flags);
   if (path == DYC_SDT_MLP_PATH_SM90_CUTLASS &&
-      !(dyc::aligned16(fc1_w) && dyc::aligned16(fc1_b) && dyc::aligned16(fc2_w) && dyc::aligned16(fc2_b)))
+      !(dyc::aligned16(fc1_w) && dyc::aligned16(fc1_b) && dyc::aligned16(fc2_w) && dyc::aligned16(fc2_b) &&
+        fc2_ld % 8 == 0))
     path = DYC_SDT_MLP_PATH_GENERIC;  // TMA and the vectorised bias loads need 16-byte alignment
   const bool shared = (flags & DYC_SDT_MLP_FLAG_SHARED_CHANNEL_MASK) != 0;
 
   switch (dtype) {
     case DYC_DTYPE_FLOAT32:
       return dyc::run<float>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y, batch, tokens,
-                             channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
+                             channels, hidden, group_size, fc2_ld, eps, ws, path, dtype, shared, stream);
     case DYC_DTYPE_FLOAT16:
       return dyc::run<__half>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y, batch,
-                              tokens, channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
+                              tokens, channels, hidden, group_size, fc2_ld, eps, ws, path, dtype, shared, stream);
     case DYC_DTYPE_BFLOAT16:
       return dyc::run<__nv_bfloat16>(x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b, channel_mask, y,
-                                     batch, tokens, channels, hidden, group_size, eps, ws, path, dtype, shared, stream);
+                                     batch, tokens, channels, hidden, group_size, fc2_ld, eps, ws, path, dtype,
+                                     shared, stream);
     default: return DYC_STATUS_INVALID_ARGUMENT;
   }
 }

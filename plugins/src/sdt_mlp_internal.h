@@ -55,6 +55,7 @@ inline Workspace carve_workspace(void* base, size_t elem, int64_t rows, int64_t 
 struct Sm90Args {
   int dtype;
   int64_t rows, channels, hidden, group_size;
+  int64_t fc2_ld;  // row stride of fc2_w (>= hidden)
   const void* fc1_w;
   const void* fc1_b;
   const void* fc2_w;

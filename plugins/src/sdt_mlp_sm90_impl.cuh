@@ -373,7 +373,7 @@ cudaError_t gemm2(const Sm90Args& a) {
   using K = Gemm2<Element, V>;
   const int M = static_cast<int>(a.rows), N = static_cast<int>(a.channels), Kd = static_cast<int>(a.hidden);
   typename K::StrideA sA = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
-  typename K::StrideB sB = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
+  typename K::StrideB sB = make_stride(int64_t(a.fc2_ld), _1{}, int64_t(0));
   typename K::StrideD sD = make_stride(int64_t(a.channels), _1{}, int64_t(0));
   typename K::StrideC sC{};
   typename K::Arguments args{};

@@ -148,7 +148,7 @@ class SdtMlpPlugin : public IPluginV3, public IPluginV3OneCore, public IPluginV3
     void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace) + 255) & ~uintptr_t(255));
     const int st = dyc_sdt_mlp_forward(dtype, inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5],
                                        inputs[6], inputs[7], inputs[8], mNbInputs == 10 ? inputs[9] : nullptr,
-                                       outputs[0], x.d[0], x.d[1], x.d[2], hidden, gs, mEps, ws, need, 0u, stream);
+                                       outputs[0], x.d[0], x.d[1], x.d[2], hidden, gs, 0, mEps, ws, need, 0u, stream);
     if (st != DYC_STATUS_OK) {
       logError(std::string("dyc_sdt_mlp_forward: ") + dyc_sdt_mlp_status_string(st));
       return -1;
