@@ -185,11 +185,6 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     dev = setup.device
     row = Row(runner.name)
     with torch.no_grad():
-        # peak activation memory from before the warm-up: CUDA graphs take theirs at capture
-        _sync(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         for t in setup.schedule:  # warm-up: every group once, graphs captured
             runner.call(x, t, y)
         _sync(dev)
@@ -197,8 +192,6 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
         for _ in range(repeats):
             for t in setup.schedule:
                 per_t[t].append(_time_call(lambda t=t: runner.call(x, t, y), dev))
-        if dev.type == "cuda":
-            row.peak_activation_bytes = int(torch.cuda.max_memory_allocated(dev) - base)
         # end to end: the runtime's own sampler and CFG around the row's model calls, as a user runs it
         from .runtime.cfg import cfg_combine
         from .runtime.samplers import make_sampler
@@ -223,6 +216,25 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     row.gflops_per_step = float(np.mean([runner.gflops_of_t(t) for t in setup.schedule]))
     row.weight_bytes = _storage_bytes(runner.weights) if runner.weights else None
     return row
+
+
+def _first_pass_peak(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> int | None:
+    """Peak activation bytes over the row's first pass of the schedule (GPU only).
+
+    Measured from the very first call: CUDA graphs take their memory at capture, from a pool that
+    every later replay reuses, so a peak taken after the warm-up would miss it.
+    """
+    dev = setup.device
+    if dev.type != "cuda":
+        return None
+    _sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    with torch.no_grad():
+        for t in setup.schedule:
+            runner.call(x, t, y)
+    _sync(dev)
+    return int(torch.cuda.max_memory_allocated(dev) - base)
 
 
 def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> tuple[float, float]:
@@ -320,10 +332,12 @@ def run_bench(
                 return _model(xx.to(_dt), tt, yy, tdw_masks=_m(t, xx.shape[0]))
 
             ref = _Runner("eager-dydit", ref_call, dydit.gflops_of_t)
+        peak = _first_pass_peak(r, setup, x, y)
         err, l2 = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0)
         del ref_model
         print(f"timing {name} ...", file=sys.stderr)
         row = _measure(r, setup, x, y, repeats)
+        row.peak_activation_bytes = peak
         row.max_rel_err, row.rel_l2_err, row.dtype = err, l2, ref_dtype
         if l2 > _TOL[ref_dtype]:  # measured, but flagged: a figure of a wrong computation is no result
             row.status = f"CHECK FAILED: relative L2 error {l2:.2e} > {_TOL[ref_dtype]:.0e} (max {err:.2e})"
