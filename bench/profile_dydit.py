@@ -30,6 +30,7 @@ CATEGORIES = [  # first match wins
     ("sdt: compact/gather/finalize", r"compact_kernel|gather_ln_kernel|finalize_kernel|sdt_"),
     ("attention (SDPA)", r"flash|fmha|attention|softmax"),
     ("GEMM (cuBLAS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas"),
+    ("LayerNorm+modulate (Triton)", r"ln_modulate_kernel"),
     ("fused elementwise (inductor)", r"triton"),
     ("copies", r"copy|Copy|cat|index"),
     ("other elementwise", r"."),

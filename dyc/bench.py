@@ -289,7 +289,7 @@ def run_bench(
         "torch": torch.__version__, "dtype": dtype, "batch": batch, "cfg": bool(cfg_scale), "model_batch": rows_batch,
         "sampler": sampler, "steps": len(schedule), "static_gflops": static_gflops(cfg),
         "dense_weight_bytes": int(sum(v.numel() for v in ck.model.state_dict().values()) * _DTYPES[dtype].itemsize),
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("dyc") else None,
+        "command": ("dyc " + " ".join(sys.argv[1:])) if sys.argv and sys.argv[0].endswith(("dyc", "cli.py")) else None,
     }
     rows: dict[str, Row] = {}
     runners: dict[str, _Runner] = {}

@@ -1,5 +1,5 @@
-// Included by sdt_mlp_sm90_gemm1.cu, sdt_mlp_sm90_gemm1_plain.cu and sdt_mlp_sm90_gemm2.cu (one
-// GEMM per translation unit, so the CUTLASS instantiations compile in parallel).
+// Included by sdt_mlp_sm90_gemm1{,_plain,_colmask}.cu and sdt_mlp_sm90_gemm2.cu (one GEMM per
+// translation unit, so the CUTLASS instantiations compile in parallel).
 //
 // Hopper (sm_90a) GEMMs of the SDT MLP, built from CUTLASS 3.x collectives: TMA loads, wgmma,
 // a warp-specialized producer/consumer pipeline and epilogue visitor trees (EVT) for the fusions.
@@ -12,11 +12,12 @@
 //    scheduler with the tiles past the count filtered out of every CTA's sequence.
 // Either way the work is that of the kept tokens (rounded up to one M-tile).
 //
-// GEMM1 (fc1) with a channel mask: the hidden dimension is batched by channel group (L = G batches
+// GEMM1 (fc1) with a per-image channel mask: the hidden dimension is batched by channel group (L = G batches
 // of group_size columns; A is shared with batch stride 0, fc1_w and H advance by one group per
 // batch), so the channel-group mask of a token is a per-row vector of batch l: a column broadcast
 // in the EVT.   H = gelu_tanh(mask[l][m] * (acc + fc1_b[l*gs + n]))
-// GEMM1 without a mask: one plain GEMM, H = gelu_tanh(acc + fc1_b[n]).
+// GEMM1 without a mask: one plain GEMM, H = gelu_tanh(acc + fc1_b[n]); with a mask shared by all
+// images: the same GEMM, H = gelu_tanh(acc + fc1_b[n]) * colmask[n].
 // GEMM2 (fc2): D = acc + fc2_b[n]; the gate, the residual and the scatter back to token order run
 // in the finalize kernel (sdt_mlp.cu), which also copies the dropped rows.
 
@@ -389,11 +390,11 @@ cudaError_t gemm2(const Sm90Args& a) {
   return launch<V, K>(args, a.ws.count, a.stream);
 }
 
-// Kernel per GEMM, chosen on H100 at DiT-XL shapes (bench/RESULTS.md): GEMM1 (K = C, short) ran
-// fastest as one CTA per tile (tma) -- 166 us vs 210 (coop) and 247 (ping-pong) at 4096 kept rows;
-// GEMM2 (K = Hs, long) as the persistent cooperative kernel -- 58 us vs 70 (tma), cuBLAS 57 us.
-// The plain and column-masked GEMM1 are built both ways; DYC_SM90_GEMM1=tma|coop picks one at run
-// time (for benchmarks), default coop (GEMM1 sweep with the fast GELU: bench/RESULTS.md).
+// Kernel per GEMM (bench/RESULTS.md): GEMM2 (K = Hs, long) as the persistent cooperative kernel --
+// 58 us vs 70 (one CTA per tile) on H100, cuBLAS 57 us. GEMM1 without or with a shared mask: the
+// persistent cooperative kernel too (coop 176 us vs tma 186 us for the whole op at 50 % kept, H100,
+// once the fast GELU made the epilogue cheap); both are built, DYC_SM90_GEMM1=tma|coop picks one at
+// run time. The per-image-mask GEMM1 (group-batched) stays one CTA per tile.
 inline int gemm1_variant() {
   static const int v = [] {
     const char* e = std::getenv("DYC_SM90_GEMM1");
