@@ -10,6 +10,9 @@ set -u -o pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ -n "${DYC_PLUGIN_LIB:-}" ] && [ ! -f "$DYC_PLUGIN_LIB" ]; then
+  echo "DYC_PLUGIN_LIB=$DYC_PLUGIN_LIB does not exist (carried?)" >&2; exit 2
+fi
 LIB=${DYC_PLUGIN_LIB:-$PWD/build/lib/libdyc_plugins.so}
 if [ ! -f "$LIB" ]; then
   LIB=$PWD/build/lib/libdyc_plugins.so
@@ -17,6 +20,10 @@ if [ ! -f "$LIB" ]; then
     || { echo "plugin build failed: SDT runs the all-token fallback"; tail -20 "$OUT/plugin_build.log"; }
 fi
 [ -f "$LIB" ] && export DYC_PLUGIN_LIB=$LIB
+# the library says whether its Hopper (CUTLASS) path was built; without it SDT runs the portable GEMMs
+python3 -c "from dyc.kernels import sdt_mlp as K; v = K.version(); print('plugin', v)
+if 'cutlass' not in v: print('WARNING: plugin built without the Hopper CUTLASS path: timings are not representative')" \
+  2>&1 | tee "$OUT/plugin.txt"
 python3 -c "import click" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 dyc() { python3 -m dyc.cli "$@"; }
