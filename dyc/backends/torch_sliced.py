@@ -202,9 +202,9 @@ class SlicedDiT(nn.Module):
                  fuse: bool | None = None, shared: SharedWeights | None = None, shared_masks: bool = False):
         super().__init__()
         self.cfg, self.layout = cfg, layout
-        # shared_masks: every row of a call has the same t, so row 0's channel mask serves all (the
-        # runtime's case: the scheduler picks the group by t, one t per call); lets the kernel run
-        # GEMM1 as one plain GEMM. Off, each row keeps its own masks.
+        # shared_masks: every row of a call has the same t, so row 0's head and channel masks serve
+        # all (the runtime's case: the scheduler picks the group by t, one t per call); lets the kernel
+        # run GEMM1 as one plain GEMM and the head mask scale proj's weights. Off, each row keeps its own.
         self.shared_masks = shared_masks
         dev = torch.device(device)
         if shared is None:

@@ -136,7 +136,8 @@ def sdt_mlp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: tor
     if gs <= 0 or hidden % gs:
         raise ValueError(f"sdt_mlp: hidden {hidden} is not a multiple of group_size {gs}")
     # fc2_w may be a column slice of a wider matrix (weights shared between engines): read in place
-    fc2_ld = fc2_w.stride(0) if fc2_w.dtype == x.dtype and fc2_w.stride(1) == 1 and fc2_w.stride(0) >= hidden else 0
+    in_place = fc2_w.dim() == 2 and fc2_w.dtype == x.dtype and fc2_w.stride(1) == 1 and fc2_w.stride(0) >= hidden
+    fc2_ld = fc2_w.stride(0) if in_place else 0
     args = {}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
