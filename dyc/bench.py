@@ -182,12 +182,10 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
 
 
 def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Row:
+    """Per-step and end-to-end times of a row that has had its ``_warm_up``."""
     dev = setup.device
     row = Row(runner.name)
     with torch.no_grad():
-        for t in setup.schedule:  # warm-up: every group once, graphs captured
-            runner.call(x, t, y)
-        _sync(dev)
         per_t = {t: [] for t in setup.schedule}
         for _ in range(repeats):
             for t in setup.schedule:
@@ -218,23 +216,23 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     return row
 
 
-def _first_pass_peak(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> int | None:
-    """Peak activation bytes over the row's first pass of the schedule (GPU only).
+def _warm_up(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> int | None:
+    """One pass over the schedule (every group once, CUDA graphs captured); returns its peak
+    activation bytes on the GPU, None elsewhere.
 
-    Measured from the very first call: CUDA graphs take their memory at capture, from a pool that
+    The peak is taken over this first pass: CUDA graphs take their memory at capture, from a pool
     every later replay reuses, so a peak taken after the warm-up would miss it.
     """
     dev = setup.device
-    if dev.type != "cuda":
-        return None
     _sync(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
     with torch.no_grad():
         for t in setup.schedule:
             runner.call(x, t, y)
     _sync(dev)
-    return int(torch.cuda.max_memory_allocated(dev) - base)
+    return int(torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None
 
 
 def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> tuple[float, float]:
@@ -332,7 +330,7 @@ def run_bench(
                 return _model(xx.to(_dt), tt, yy, tdw_masks=_m(t, xx.shape[0]))
 
             ref = _Runner("eager-dydit", ref_call, dydit.gflops_of_t)
-        peak = _first_pass_peak(r, setup, x, y)
+        peak = _warm_up(r, setup, x, y)
         err, l2 = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0)
         del ref_model
         print(f"timing {name} ...", file=sys.stderr)

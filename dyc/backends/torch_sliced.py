@@ -241,9 +241,7 @@ class SlicedDiT(nn.Module):
 
     def _mlp(self, x, shift, scale, gate, keep, layer, cmask):
         args = (x, shift, scale, gate, keep, layer["fc1_w"], layer["fc1_b"], layer["fc2_w"], layer["fc2_b"])
-        if self.kernel is not None:  # in place: only kept rows are written, dropped rows already hold x
-            x = x.contiguous()  # a no-op after the first block (the patch embedding is a transposed view)
-            args = (x, *args[1:])
+        if self.kernel is not None:  # in place (h is contiguous): only kept rows are written
             return self.kernel(*args, channel_mask=cmask, group_size=self.cfg.group_size, out=x)
         return sdt_mlp_torch(*args, cmask, self.cfg.group_size)
 

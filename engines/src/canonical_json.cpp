@@ -58,7 +58,8 @@ void append_u16(std::string& out, unsigned cp) {
   out += b;
 }
 
-// ensure_ascii escaping of a UTF-8 string: printable ASCII as is, the rest as \uXXXX
+// ensure_ascii escaping of a UTF-8 string: printable ASCII as is, every other code point as a
+// backslash-u escape of four hex digits
 // (surrogate pairs beyond the BMP), with Python's short escapes for the usual controls.
 void append_string(std::string& out, const std::string& s) {
   out.push_back('"');
