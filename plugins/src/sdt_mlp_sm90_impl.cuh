@@ -324,70 +324,50 @@ cudaError_t gemm1(const Sm90Args& a) {
   return launch<V, K>(args, a.ws.count, a.stream);
 }
 
-template <class Element, int V>
-cudaError_t gemm1_plain(const Sm90Args& a) {
-  using K = Gemm1Plain<Element, V>;
-  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.hidden), Kd = static_cast<int>(a.channels);
-  typename K::StrideA sA = make_stride(int64_t(a.channels), _1{}, int64_t(0));
-  typename K::StrideB sB = make_stride(int64_t(a.channels), _1{}, int64_t(0));
-  typename K::StrideD sD = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
-  typename K::StrideC sC{};
+// One unbatched GEMM D[M, N] = epilogue(A[M, K] · B[N, K]ᵀ) over all a.rows (tiles past the kept
+// count do nothing); set_fusion fills the kernel's epilogue (EVT) arguments.
+template <class Element, int V, class K, class SetFusion>
+cudaError_t flat_gemm(const Sm90Args& a, int N, int Kd, const void* A, int64_t lda, const void* B, int64_t ldb,
+                      void* D, SetFusion set_fusion) {
+  typename K::StrideA sA = make_stride(lda, _1{}, int64_t(0));
+  typename K::StrideB sB = make_stride(ldb, _1{}, int64_t(0));
+  typename K::StrideD sD = make_stride(int64_t(N), _1{}, int64_t(0));
   typename K::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = make_shape(M, N, Kd, 1);
-  args.mainloop = {static_cast<Element const*>(a.ws.a), sA, static_cast<Element const*>(a.fc1_w), sB};
-  args.epilogue.thread = {{{}, {static_cast<Element const*>(a.fc1_b), Element(0), {}}, {}}, {}};
+  args.problem_shape = make_shape(static_cast<int>(a.rows), N, Kd, 1);
+  args.mainloop = {static_cast<Element const*>(A), sA, static_cast<Element const*>(B), sB};
+  set_fusion(args.epilogue.thread);
   args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = sC;
-  args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
+  args.epilogue.dC = typename K::StrideC{};
+  args.epilogue.ptr_D = static_cast<Element*>(D);
   args.epilogue.dD = sD;
   args.hw_info.sm_count = sm_count();
   return launch<V, K>(args, a.ws.count, a.stream);
+}
+
+template <class Element, int V>
+cudaError_t gemm1_plain(const Sm90Args& a) {
+  const auto* bias = static_cast<Element const*>(a.fc1_b);
+  return flat_gemm<Element, V, Gemm1Plain<Element, V>>(
+      a, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      [&](auto& t) { t = {{{}, {bias, Element(0), {}}, {}}, {}}; });  // {gelu-node {plus-node {acc, bias, op}}}
 }
 
 template <class Element, int V>
 cudaError_t gemm1_colmask(const Sm90Args& a) {
-  using K = Gemm1ColMask<Element, V>;
-  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.hidden), Kd = static_cast<int>(a.channels);
-  typename K::StrideA sA = make_stride(int64_t(a.channels), _1{}, int64_t(0));
-  typename K::StrideB sB = make_stride(int64_t(a.channels), _1{}, int64_t(0));
-  typename K::StrideD sD = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
-  typename K::StrideC sC{};
-  typename K::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = make_shape(M, N, Kd, 1);
-  args.mainloop = {static_cast<Element const*>(a.ws.a), sA, static_cast<Element const*>(a.fc1_w), sB};
-  // {mul-node {gelu-node {plus-node {acc, bias, op}, op}, colmask, op}}
-  args.epilogue.thread = {{{{}, {static_cast<Element const*>(a.fc1_b), Element(0), {}}, {}}, {}},
-                          {a.ws.colmask, 0.f, {}},
-                          {}};
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = sC;
-  args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
-  args.epilogue.dD = sD;
-  args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream);
+  const auto* bias = static_cast<Element const*>(a.fc1_b);
+  return flat_gemm<Element, V, Gemm1ColMask<Element, V>>(
+      a, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      // {mul-node {gelu-node {plus-node {acc, bias, op}, op}, colmask, op}}
+      [&](auto& t) { t = {{{{}, {bias, Element(0), {}}, {}}, {}}, {a.ws.colmask, 0.f, {}}, {}}; });
 }
 
 template <class Element, int V>
 cudaError_t gemm2(const Sm90Args& a) {
-  using K = Gemm2<Element, V>;
-  const int M = static_cast<int>(a.rows), N = static_cast<int>(a.channels), Kd = static_cast<int>(a.hidden);
-  typename K::StrideA sA = make_stride(int64_t(a.hidden), _1{}, int64_t(0));
-  typename K::StrideB sB = make_stride(int64_t(a.fc2_ld), _1{}, int64_t(0));
-  typename K::StrideD sD = make_stride(int64_t(a.channels), _1{}, int64_t(0));
-  typename K::StrideC sC{};
-  typename K::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = make_shape(M, N, Kd, 1);
-  args.mainloop = {static_cast<Element const*>(a.ws.h), sA, static_cast<Element const*>(a.fc2_w), sB};
-  args.epilogue.thread = {{}, {static_cast<Element const*>(a.fc2_b), Element(0), {}}, {}};
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = sC;
-  args.epilogue.ptr_D = static_cast<Element*>(a.ws.d);
-  args.epilogue.dD = sD;
-  args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream);
+  const auto* bias = static_cast<Element const*>(a.fc2_b);
+  return flat_gemm<Element, V, Gemm2<Element, V>>(
+      a, static_cast<int>(a.channels), static_cast<int>(a.hidden), a.ws.h, a.hidden, a.fc2_w, a.fc2_ld, a.ws.d,
+      [&](auto& t) { t = {{}, {bias, Element(0), {}}, {}}; });  // {plus-node {acc, bias, op}}
 }
 
 // Kernel per GEMM (bench/RESULTS.md): GEMM2 (K = Hs, long) as the persistent cooperative kernel --
