@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from bench_sdt_mlp import make  # noqa: E402
+from profile_dydit import kernel_times  # noqa: E402
 
 from dyc.kernels import sdt_mlp as K  # noqa: E402
 
@@ -28,18 +28,10 @@ def short(name: str) -> str:
 
 
 def kernel_table(fn, iters=20):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+    """Mean µs per call of each kernel, names shortened."""
     agg = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = short(e.name)
-            agg[k] = agg.get(k, 0.0) + e.device_time / iters
+    for name, us in kernel_times(fn, iters).items():
+        agg[short(name)] = agg.get(short(name), 0.0) + us
     return agg
 
 
