@@ -123,6 +123,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
     from .backends.torch_sliced import GraphRunner, GroupLayout, SharedWeights, SlicedDiT
     from .compiler.analyse import analyse, architectures
     from .compiler.group import group_of, partition
+    from .runtime.scheduler import GroupSpec, Scheduler
 
     cfg, dev, dt = setup.cfg, setup.device, _DTYPES[setup.dtype]
     sd = ck.model.state_dict()  # fp32 on the CPU: sliced and cast once per group
@@ -149,32 +150,20 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
     shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
     mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
     runner = GraphRunner(mods) if use_graphs else None
-    head = torch.from_numpy(ana.head).to(dev)
-    chan = torch.from_numpy(ana.channel).to(dev)
-
-    def slot_masks(g, t: int, b: int):
-        hm = torch.zeros(b, cfg.depth, g.head_slots, device=dev, dtype=dt)
-        cm = torch.zeros(b, cfg.depth, g.channel_slots, device=dev, dtype=dt)
-        for l in range(cfg.depth):
-            hm[:, l, : len(g.heads[l])] = head[t, l, g.heads[l]].to(dt)
-            cm[:, l, : len(g.channels[l])] = chan[t, l, g.channels[l]].to(dt)
-        return hm, cm
-
-    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    # the runtime's scheduler builds each call's inputs (t's group, its mask slots), as `dyc run` does
+    specs = [GroupSpec(g.index, g.t_lo, g.t_hi, g.heads, g.channels, ("x", "t", "y", "head_mask", "channel_mask"))
+             for g in groups]
+    sched = Scheduler(specs, ana.head.astype(np.float32), ana.channel.astype(np.float32))
 
     def dyn_call(x, t, y, graphs: bool = use_graphs):
-        g = group_of(groups, t)
-        key = (t, x.shape[0])
-        if key not in cache:  # the runtime keeps per-t masks ready; so does the benchmark
-            cache[key] = slot_masks(g, t, x.shape[0])
-        hm, cm = cache[key]
-        inputs = {"x": x, "t": torch.full((x.shape[0],), t, device=dev), "y": y, "head_mask": hm, "channel_mask": cm}
-        return runner(g.index, inputs) if graphs else mods[g.index](**inputs)
+        g, feeds = sched.inputs(t, x, y)
+        return runner(g.index, feeds) if graphs else mods[g.index](**feeds)
 
     gmap = {t: group_of(groups, t).gflops for t in setup.schedule}
     weights = shared.tensors()
     print(f"torch backend: {len(groups)} groups, {ana.num_architectures} distinct architectures", file=sys.stderr)
     row = _Runner("torch", dyn_call, lambda t: gmap[t], weights)
+    head, chan = torch.from_numpy(ana.head).to(dev), torch.from_numpy(ana.channel).to(dev)
     row.tdw_masks = lambda t, b: (head[t].expand(b, -1, -1), chan[t].expand(b, -1, -1))  # decided in fp32
     row.eager_call = lambda x, t, y: dyn_call(x, t, y, graphs=False)
     row.groups = groups
@@ -374,12 +363,12 @@ def _bundle_runner(name: str, bundle_path: str | Path | None, ckpt, setup: Bench
     except DycError as e:
         return f"cannot run here: {e}"
     dev = setup.device
+    from .runtime.pipeline import bundle_scheduler
+
+    sched = bundle_scheduler(bundle)  # the runtime's own per-call inputs, as `dyc run` builds them
 
     def call(x, t, y):
-        g = bundle.group_for_t(t)
-        feeds = {"x": x, "t": torch.full((x.shape[0],), t, device=dev), "y": y}
-        masks = bundle.mask_inputs(t, x.shape[0])
-        feeds |= {k: torch.from_numpy(v).to(device=dev, dtype=x.dtype) for k, v in masks.items()}
+        g, feeds = sched.inputs(t, x, y)
         return backend.run_group(g.index, feeds)
 
     runner = _Runner(name, call, lambda t: bundle.group_for_t(t).gflops)

@@ -200,6 +200,13 @@ def test_scheduler_maps_t_and_builds_slot_masks():
     # slot j of layer l = mask of heads[l][j]; layer 0 keeps heads 0,2 -> slots (1, 1, pad 0)
     assert feeds["head_mask"][0].tolist() == [[1, 1, 0], [1, 0, 1]]
     assert s.check_schedule([999, 500, 499, 0]) == [1, 1, 0, 0]
+    # the next call at the same t and batch reuses the mask tensor; another batch or t gets its own
+    again = s.inputs(700, torch.ones(3, 4, 8, 8), torch.tensor([1, 2, 3]))[1]
+    assert again["head_mask"] is feeds["head_mask"] and torch.equal(again["x"], torch.ones(3, 4, 8, 8))
+    other = s.inputs(700, torch.zeros(2, 4, 8, 8), torch.tensor([1, 2]))[1]["head_mask"]
+    assert other.shape == (2, 2, 3) and other[0].tolist() == [[1, 1, 0], [1, 0, 1]]
+    assert s.inputs(600, torch.zeros(3, 4, 8, 8), torch.tensor([1, 2, 3]))[1]["head_mask"][0].tolist() == [
+        [1, 0, 0], [1, 0, 0]]
 
 
 def test_scheduler_t_outside_every_group_fails():

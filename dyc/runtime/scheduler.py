@@ -77,6 +77,8 @@ class Scheduler:
                 if name in g.inputs and table is None:
                     raise DycError(f"group {g.index} takes {name} but the bundle has no per-t masks")
         self._cache: dict[tuple[int, str], np.ndarray] = {}
+        # the same masks as call inputs, [B, L, slots] on the device: built once per (t, batch, ...)
+        self._feeds: dict[tuple, torch.Tensor] = {}
 
     def group_of(self, t: int) -> GroupSpec:
         t = int(t)
@@ -112,6 +114,9 @@ class Scheduler:
         }
         for name in ("head_mask", "channel_mask"):
             if name in g.inputs:
-                m = torch.from_numpy(self.masks_of(int(t), g, name)).to(device=x.device, dtype=dtype)
-                feeds[name] = m.unsqueeze(0).expand(b, -1, -1).contiguous()
+                key = (int(t), name, b, x.device, dtype)
+                if key not in self._feeds:  # a sampler revisits each t once per batch: keep them ready
+                    m = torch.from_numpy(self.masks_of(int(t), g, name)).to(device=x.device, dtype=dtype)
+                    self._feeds[key] = m.unsqueeze(0).expand(b, -1, -1).contiguous()
+                feeds[name] = self._feeds[key]
         return g, feeds
