@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--groups", type=int, default=None, help="at most K engines (default: the compiler's)")
     ap.add_argument("--json")
     a = ap.parse_args()
     ck = load_checkpoint(a.ckpt)
@@ -94,7 +95,7 @@ def main() -> None:
     x = torch.randn(2 * a.batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     x = x.to(dev, B._DTYPES[a.dtype])
     y = torch.randint(0, cfg.num_classes, (2 * a.batch,), generator=g).to(dev)
-    static, dyn = B._torch_runners(ck, setup, calib=2)
+    static, dyn = B._torch_runners(ck, setup, calib=2, groups=a.groups)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"# {name}  {cfg.name}  {a.dtype}  {2 * a.batch} rows")
     out = {"device": name, "rows": 2 * a.batch}

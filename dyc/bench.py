@@ -50,6 +50,7 @@ class Row:
     rel_l2_err: float | None = None  # ||a-b|| / ||b||, the pass criterion
     weight_bytes: int | None = None
     peak_activation_bytes: int | None = None
+    engines: int | None = None  # compiled DyDiT: how many group engines (K) serve the schedule
 
 
 def _sync(device: torch.device) -> None:
@@ -119,7 +120,7 @@ def _eager_runners(ck, setup: BenchSetup) -> tuple[_Runner, _Runner | None, torc
     return eager, dydit, model
 
 
-def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]:
+def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None) -> tuple[_Runner, _Runner]:
     from .backends.torch_sliced import GraphRunner, GroupLayout, SharedWeights, SlicedDiT
     from .compiler.analyse import analyse, architectures
     from .compiler.group import group_of, partition
@@ -145,7 +146,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
         return static_row, None
     ana = analyse(ck.model, setup.schedule, calib=calib, progress=lambda m: print(m, file=sys.stderr))
     arch_of_t, ah, ac = architectures(ana.head, ana.channel)
-    groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule)
+    groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule, max_groups=groups)
     layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in groups]
     shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
     mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
@@ -156,7 +157,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
     sched = Scheduler(specs, ana.head.astype(np.float32), ana.channel.astype(np.float32))
 
     def dyn_call(x, t, y, graphs: bool = use_graphs):
-        g, feeds = sched.inputs(t, x, y)
+        g, feeds = sched.inputs(t, x, y, omit_full_masks=True)  # as TorchBackend takes them
         return runner(g.index, feeds) if graphs else mods[g.index](**feeds)
 
     gmap = {t: group_of(groups, t).gflops for t in setup.schedule}
@@ -173,7 +174,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int) -> tuple[_Runner, _Runner]
 def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Row:
     """Per-step and end-to-end times of a row that has had its ``_warm_up``."""
     dev = setup.device
-    row = Row(runner.name)
+    row = Row(runner.name, engines=len(runner.groups) if runner.groups else None)
     with torch.no_grad():
         per_t = {t: [] for t in setup.schedule}
         for _ in range(repeats):
@@ -245,6 +246,7 @@ def run_bench(
     ckpt: str | Path, *, backends: Sequence[str] = ("eager", "eager-dydit", "torch"), batch: int = 16,
     cfg_scale: float | None = 4.0, sampler: str = "ddim", steps: int = 50, dtype: str = "bf16",
     device: str | None = None, repeats: int = 3, calib: int = 2, seed: int = 0, bundle: str | Path | None = None,
+    groups: int | None = None,
 ) -> dict:
     """Measure the requested rows side by side in this process; returns a JSON-able report."""
     unknown = [b for b in backends if b not in ROWS]
@@ -290,7 +292,7 @@ def run_bench(
     for name in want:
         if name in ("torch", "torch-static") and name not in runners:
             # on CPU: the sliced modules without CUDA graphs or the kernel (the reference maths)
-            st, dy = _torch_runners(ck, setup, calib)
+            st, dy = _torch_runners(ck, setup, calib, groups)
             runners["torch-static"] = st
             if dy:
                 runners["torch"] = dy
@@ -401,7 +403,8 @@ def format_report(rep: dict) -> str:
             f(r["gflops_per_step"], "8.2f"), f(r["speedup_vs_eager"], "8.2f", "x"),
             f(r["speedup_vs_static"], "8.2f", "x"), f(r["flops_ideal"], "5.2f", "x"),
             f(r["share_of_ideal"], "6.0%"), f(r["rel_l2_err"], "8.1e"),
-        ]) + ("" if r["status"] == "ok" else f"  <- {r['status']}"))
+        ]) + (f"  ({r['engines']} engines)" if r.get("engines") else "")
+            + ("" if r["status"] == "ok" else f"  <- {r['status']}"))
     return "\n".join(lines)
 
 

@@ -209,6 +209,21 @@ def test_scheduler_maps_t_and_builds_slot_masks():
         [1, 0, 0], [1, 0, 0]]
 
 
+def test_scheduler_omits_masks_that_switch_on_the_whole_union():
+    hm = np.zeros((1000, 2, 4), dtype=np.float32)
+    hm[:, :, 0] = 1
+    hm[800, 0, [0, 2]] = 1  # t = 800 switches on all of group 1's union: heads (0, 2) and (0, 1, 3)
+    hm[800, 1, [0, 1, 3]] = 1
+    hm[900, 0, [0, 2]] = 1  # t = 900: layer 1 misses head 1 -> the mask stays
+    hm[900, 1, [0, 3]] = 1
+    s = Scheduler(_specs([(0, 499), (500, 999)]), hm, hm)
+    x, y = torch.zeros(2, 4, 8, 8), torch.tensor([1, 2])
+    assert s.full_width(800, s.group_of(800), "head_mask") and not s.full_width(900, s.group_of(900), "head_mask")
+    assert set(s.inputs(800, x, y, omit_full_masks=True)[1]) == {"x", "t", "y"}
+    assert set(s.inputs(800, x, y)[1]) == {"x", "t", "y", "head_mask"}  # engines that need it still get it
+    assert s.inputs(900, x, y, omit_full_masks=True)[1]["head_mask"][0].tolist() == [[1, 1, 0], [1, 0, 1]]
+
+
 def test_scheduler_t_outside_every_group_fails():
     s = Scheduler(_specs([(0, 499)], takes=()))
     with pytest.raises(DycError, match="timestep 750 is outside every group"):

@@ -117,3 +117,25 @@ def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
             torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs, channel_mask=cs), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs_other, channel_mask=cs_other), want,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_mask_free_call_at_a_full_width_t_matches_eager():
+    """A t that switches on the group's whole union runs without mask inputs (Scheduler omit_full_masks)."""
+    cfg = tiny_config(depth=3)
+    model = random_model(cfg, seed=5, router_scale=3.0)
+    ts = torch.tensor([100, 400, 700])
+    hm, cm = (m.numpy() > 0.5 for m in model.tdw_masks(ts))
+    layout, hslot, cslot = _layout_for(hm, cm)
+    assert any(layout.vary_head) and any(layout.vary_channel)
+    sliced = SlicedDiT(cfg, model.state_dict(), layout, shared_masks=True)
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
+    # force t = 400 to the union: the eager model gets the union's masks, the engine none
+    union_h = torch.from_numpy(hm.any(0)).float().expand(3, -1, -1)
+    union_c = torch.from_numpy(cm.any(0)).float().expand(3, -1, -1)
+    with torch.no_grad():
+        want = model(x, torch.full((3,), 400), y, tdw_masks=(union_h, union_c))
+        got = sliced(x, torch.full((3,), 400), y)
+        masked = sliced(x, torch.full((3,), 400), y, head_mask=torch.from_numpy(hslot[1:2]).expand(3, -1, -1),
+                        channel_mask=torch.from_numpy(cslot[1:2]).expand(3, -1, -1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - masked).abs().max() > 1e-4  # t = 400's own masks are narrower: the call did drop them

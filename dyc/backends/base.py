@@ -18,6 +18,9 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    # True when run_group may be given a group's inputs without a mask that is all ones for the
+    # step (Scheduler.inputs(omit_full_masks=True)): the engine then runs its mask-free form
+    optional_masks: ClassVar[bool] = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

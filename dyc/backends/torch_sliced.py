@@ -69,6 +69,15 @@ def _fast_ln_modulate() -> Callable:
     return k.ln_modulate if k.available() else _fused(ln_modulate)
 
 
+def _fast_residual_router(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The fused gated-residual + token-router Triton kernel where it runs (CUDA, fp16/bf16), else None."""
+    from ..kernels import token_router as k
+
+    if dtype not in (torch.float16, torch.bfloat16) or not k.available(device):
+        return None
+    return k.residual_router
+
+
 def _sdt_mlp_op():
     """The fused kernel when its library is built and we are on CUDA, else the reference maths."""
     try:
@@ -235,6 +244,7 @@ class SlicedDiT(nn.Module):
         fuse = dev.type == "cuda" if fuse is None else fuse
         self.ln_mod = _fast_ln_modulate() if fuse else ln_modulate
         self.gate_res = _fused(gate_residual) if fuse else gate_residual
+        self.router = _fast_residual_router(dev, dtype) if (fuse and cfg.dynamic) else None
 
     def weight_tensors(self) -> list[torch.Tensor]:
         return self.shared.tensors()
@@ -254,10 +264,12 @@ class SlicedDiT(nn.Module):
              + self.pos).contiguous()
         temb = F.linear(F.silu(F.linear(timestep_embedding(t).to(dt), self.t_w1, self.t_b1)), self.t_w2, self.t_b2)
         c = temb + self.y_table[y]
+        # [L, 6, B, C]: every layer's shift/scale/gate is a contiguous [B, C] (the kernels take them as is)
         mods = F.linear(F.silu(c), self.ada_w, self.ada_b).view(b, cfg.depth, 6, cfg.hidden_size)
+        mods = mods.permute(1, 2, 0, 3).contiguous()
         dh = cfg.head_dim
         for l, layer in enumerate(self.layers):
-            sh1, sc1, g1, sh2, sc2, g2 = mods[:, l].unbind(1)
+            sh1, sc1, g1, sh2, sc2, g2 = mods[l].unbind(0)
             nh = len(lay.heads[l])
             a = self.ln_mod(h, sh1, sc1)
             qkv = F.linear(a, layer["qkv_w"], layer["qkv_b"])  # head-major: [B, N, nh, 3, Dh]
@@ -266,25 +278,30 @@ class SlicedDiT(nn.Module):
             # transpose keeps that layout, so the reshape below is free (no extra copy).
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
             proj_w = layer["proj_w"]
-            if lay.vary_head[l]:
+            if lay.vary_head[l] and head_mask is not None:
                 hm = head_mask[:, l, :nh] if self.head_pick[l] is None else head_mask[:, l, self.head_pick[l]]
                 if self.shared_masks:  # one mask for all rows: zero the off heads' proj columns (weights
                     # are ~8x smaller than the attention output at 32 x 256 tokens)
                     proj_w = proj_w * hm[0].to(dt).repeat_interleave(dh)
                 else:
                     o = o * hm[:, None, :, None].to(dt)
-            o = o.reshape(b, -1, nh * dh)
-            h = self.gate_res(h, g1, F.linear(o, proj_w, layer["proj_b"]))
+            o = F.linear(o.reshape(b, -1, nh * dh), proj_w, layer["proj_b"])
+            keep = None
+            if self.router is not None:  # h += g1 * o in place, and the token router on the new h
+                keep = self.router(h, g1, o, layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
+            else:
+                h = self.gate_res(h, g1, o)
             ng = len(lay.channels[l])
             cmask = None
-            if lay.vary_channel[l]:
+            if lay.vary_channel[l] and channel_mask is not None:
                 rows = slice(0, 1) if self.shared_masks else slice(None)
                 pick = self.group_pick[l]
                 cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
             if cfg.dynamic:
-                logit = F.linear(F.relu(F.linear(h, layer["tok0_w"], layer["tok0_b"])),
-                                 layer["tok2_w"], layer["tok2_b"]).squeeze(-1)
-                keep = (torch.sigmoid(logit) > 0.5).to(dt)
+                if keep is None:
+                    logit = F.linear(F.relu(F.linear(h, layer["tok0_w"], layer["tok0_b"])),
+                                     layer["tok2_w"], layer["tok2_b"]).squeeze(-1)
+                    keep = (torch.sigmoid(logit) > 0.5).to(dt)
                 h = self._mlp(h, sh2, sc2, g2, keep, layer, cmask)
             else:  # a plain DiT: every token, no gather/scatter
                 m = self.ln_mod(h, sh2, sc2)
@@ -311,11 +328,11 @@ class GraphRunner:
     def __init__(self, modules: Sequence[SlicedDiT]):
         self.modules = list(modules)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
 
     @torch.no_grad()
     def __call__(self, group: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        key = (group, inputs["x"].shape[0])
+        key = (group, inputs["x"].shape[0], tuple(sorted(inputs)))  # a step without masks: the mask-free form
         if key not in self.graphs:
             static = {k: v.clone() for k, v in inputs.items()}
             mod = self.modules[group]
@@ -346,6 +363,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    optional_masks = True  # a step whose masks are all ones runs the group without its masking
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  checkpoint: str | os.PathLike | None = None, dtype: str | None = None, cuda_graphs: bool = True):

@@ -243,7 +243,8 @@ class Pipeline:
     def _model(self, t: int, x: torch.Tensor, y: torch.Tensor, cfg: float, official: bool) -> tuple[int, torch.Tensor]:
         if cfg != 1.0:
             x, y = cfg_inputs(x, y, self.config.num_classes)
-        g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype])
+        g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype],
+                                         omit_full_masks=self.backend.optional_masks)
         out = self.backend.run_group(g.index, feeds).to(device=x.device, dtype=torch.float32)
         if cfg != 1.0:
             out = cfg_combine(out, self.config.in_channels, cfg, official)

@@ -101,9 +101,22 @@ class Scheduler:
                 self._cache[key] = _slot_masks(self.channel_masks[t], g.channels, g.channel_slots)
         return self._cache[key]
 
-    def inputs(self, t: int, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None
-               ) -> tuple[GroupSpec, dict[str, torch.Tensor]]:
-        """t's group and its graph inputs for latents ``x`` [B, C, S, S] and labels ``y`` [B]."""
+    def full_width(self, t: int, g: GroupSpec, name: str) -> bool:
+        """True when t switches on every unit of ``g``'s union in that mask (it computes the whole engine)."""
+        key = (int(t), name, "full")
+        if key not in self._cache:
+            m = self.masks_of(int(t), g, name)
+            units = g.heads if name == "head_mask" else g.channels
+            self._cache[key] = np.array(all(m[l, : len(u)].all() for l, u in enumerate(units)))
+        return bool(self._cache[key])
+
+    def inputs(self, t: int, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
+               omit_full_masks: bool = False) -> tuple[GroupSpec, dict[str, torch.Tensor]]:
+        """t's group and its graph inputs for latents ``x`` [B, C, S, S] and labels ``y`` [B].
+
+        ``omit_full_masks``: leave out a mask input that is all ones for t (for backends whose
+        engines have a mask-free form, e.g. the torch backend: it then skips the masking work).
+        """
         g = self.group_of(t)
         dtype = dtype or x.dtype
         b = x.shape[0]
@@ -113,7 +126,7 @@ class Scheduler:
             "y": y.to(device=x.device, dtype=torch.int64),
         }
         for name in ("head_mask", "channel_mask"):
-            if name in g.inputs:
+            if name in g.inputs and not (omit_full_masks and self.full_width(int(t), g, name)):
                 key = (int(t), name, b, x.device, dtype)
                 if key not in self._feeds:  # a sampler revisits each t once per batch: keep them ready
                     m = torch.from_numpy(self.masks_of(int(t), g, name)).to(device=x.device, dtype=dtype)
