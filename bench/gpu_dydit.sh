@@ -3,7 +3,7 @@
 # per-kernel profile. Results (JSON, plots, logs) go to $OUT.
 #   RUNS="LAMBDA:IMAGES ..."  LAMBDAS="0.5 0.7"  BACKENDS=eager,eager-dydit,torch,onnxruntime,tensorrt
 #   PROFILE=1 (bench/profile_dydit.py on the first λ, 16 images)
-#   GROUPS=K (at most K engines for the torch row; default the compiler's, K <= 8)
+#   ENGINES=K (at most K engines for the torch row; default the compiler's, K <= 8)
 #   DYC_PLUGIN_LIB=path/to/libdyc_plugins.so (prebuilt for sm_90a) or CUTLASS headers in .cutlass/include
 #   (the plugin is then built here; plugins/README.md).
 # With onnxruntime in BACKENDS, each λ is also compiled to an fp16 bundle for the ONNX Runtime row.
@@ -37,12 +37,12 @@ for lam in ${LAMBDAS:-0.5}; do
 done
 if [ "${PROFILE:-0}" = 1 ]; then
   lam=${LAMBDAS:-0.5}; lam=${lam%% *}
-  python3 bench/profile_dydit.py /tmp/xl_$lam.safetensors --batch 16 ${GROUPS:+--groups $GROUPS} --json "$OUT/profile_lam$lam.json" 2>&1 | tee "$OUT/profile_lam$lam.log"
+  python3 bench/profile_dydit.py /tmp/xl_$lam.safetensors --batch 16 ${ENGINES:+--groups $ENGINES} --json "$OUT/profile_lam$lam.json" 2>&1 | tee "$OUT/profile_lam$lam.log"
 fi
 for spec in ${RUNS:-0.5:16}; do
   lam=${spec%%:*}; b=${spec##*:}
   bundle=(); [ -d /tmp/xl_$lam.dyc ] && bundle=(--bundle /tmp/xl_$lam.dyc)
-  tag=xl_lam${lam}_b$b${GROUPS:+_k$GROUPS}
+  tag=xl_lam${lam}_b$b${ENGINES:+_k$ENGINES}
   dyc bench /tmp/xl_$lam.safetensors --batch "$b" --steps 50 --sampler ddim --dtype bf16 --backends "$BACKENDS" \
-    ${GROUPS:+--groups $GROUPS} "${bundle[@]}" --json "$OUT/$tag.json" --plot "$OUT/$tag.png" 2>&1 | tee "$OUT/$tag.log"
+    ${ENGINES:+--groups $ENGINES} "${bundle[@]}" --json "$OUT/$tag.json" --plot "$OUT/$tag.png" 2>&1 | tee "$OUT/$tag.log"
 done

@@ -159,6 +159,42 @@ def test_cuda_graph_capture_follows_device_side_count():
             assert d.item() < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ["none", "shared"])
+def test_cuda_graph_across_the_few_rows_thresholds(dtype, mask):
+    """One captured call at 32 x 256 tokens; kept counts below, at and above the Hopper GEMMs'
+    few-rows thresholds (GEMM1 3072, GEMM2 2048: two kernels each, one exits) replay correctly."""
+    ts, _, gs = make_inputs(32, 256, C_XL, 16, GS_XL, dtype, keep_rate=0.5, seed=31, channel_mask=False)
+    cm = None
+    if mask == "shared":
+        cm = torch.ones(1, 16, device="cuda", dtype=dtype)
+        cm[0, 5:9] = 0
+    y = torch.empty_like(ts[0])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.sdt_mlp(*ts, channel_mask=cm, group_size=gs, out=y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        K.sdt_mlp(*ts, channel_mask=cm, group_size=gs, out=y)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rows = 32 * 256
+    for kept in (0, 1, 100, 2047, 2048, 2049, 3072, 3073, 5000, rows):
+        flat = torch.zeros(rows, device="cuda")
+        flat[torch.randperm(rows, generator=g, device="cuda")[:kept]] = 1
+        ts[4].copy_(flat.view(32, 256).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = K.sdt_mlp_reference(*[t.float() for t in ts], channel_mask=None if cm is None else cm.float(),
+                                  group_size=gs)
+        dropped = ts[4] <= 0.5
+        assert torch.equal(y[dropped], ts[0][dropped]), kept
+        if kept:
+            d = (y.float() - ref)[~dropped].norm() / (ref - ts[0].float())[~dropped].norm()
+            assert d.item() < TOL[dtype], (kept, d.item())
+
+
 def test_bad_arguments_raise():
     ts, cm, gs = make_inputs(2, 16, 64, 2, 32, torch.float32, seed=1)
     with pytest.raises(ValueError):

@@ -60,11 +60,14 @@ struct alignas(sizeof(T) * VEC) Vec {
 };
 
 // ---------------------------------------------------------------------------------------------
-// 1. Compaction: one block scans the 0/1 keep flags (cub::BlockScan) in chunks, writing the
-//    compact->row map, the row->compact map and the count. B*N is at most a few 10^4 here, so a
-//    single block (a few microseconds) beats a multi-kernel device-wide scan.
-constexpr int kScanThreads = 1024;
-constexpr int kScanItems = 8;  // 8192 tokens (32 x 256) in one pass
+// 1. Compaction: each block scans 1024 of the 0/1 keep flags (cub::BlockScan) and takes its slice
+//    of the compact order with one atomicAdd on the count (zeroed just before), writing the
+//    compact->row map and the row->compact map. Blocks claim their slices in any order, so the
+//    compact order of rows can change from call to call; every row's result does not (the GEMMs
+//    treat rows independently, and nothing reduces over them). One block for all rows took
+//    ~11 us per call at 8192 rows on an H200 (bench/RESULTS.md).
+constexpr int kScanThreads = 256;
+constexpr int kScanItems = 4;  // 1024 rows per block
 
 template <class T>
 __global__ void __launch_bounds__(kScanThreads) compact_kernel(const T* __restrict__ keep, int rows,
@@ -72,29 +75,27 @@ __global__ void __launch_bounds__(kScanThreads) compact_kernel(const T* __restri
                                                               int* __restrict__ count) {
   using BlockScan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename BlockScan::TempStorage tmp;
-  int carry = 0;  // identical in every thread: the running total of all earlier chunks
-  for (int base = 0; base < rows; base += kScanThreads * kScanItems) {
-    int flag[kScanItems], excl[kScanItems];
+  __shared__ int base;
+  const int first = blockIdx.x * kScanThreads * kScanItems + threadIdx.x * kScanItems;
+  int flag[kScanItems], excl[kScanItems];
 #pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      const int r = base + threadIdx.x * kScanItems + i;
-      flag[i] = (r < rows && to_f(keep[r]) > 0.5f) ? 1 : 0;
-    }
-    int total = 0;
-    BlockScan(tmp).ExclusiveSum(flag, excl, total);
-#pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      const int r = base + threadIdx.x * kScanItems + i;
-      if (r < rows) {
-        const int p = carry + excl[i];
-        pos[r] = flag[i] ? p : -1;
-        if (flag[i]) idx[p] = r;
-      }
-    }
-    carry += total;
-    __syncthreads();  // tmp is reused by the next chunk
+  for (int i = 0; i < kScanItems; ++i) {
+    const int r = first + i;
+    flag[i] = (r < rows && to_f(keep[r]) > 0.5f) ? 1 : 0;
   }
-  if (threadIdx.x == 0) *count = carry;
+  int total = 0;
+  BlockScan(tmp).ExclusiveSum(flag, excl, total);
+  if (threadIdx.x == 0) base = total ? atomicAdd(count, total) : 0;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int r = first + i;
+    if (r < rows) {
+      const int p = base + excl[i];
+      pos[r] = flag[i] ? p : -1;
+      if (flag[i]) idx[p] = r;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,7 +321,10 @@ int run(const void* x_, const void* shift_, const void* scale_, const void* gate
   const int G = static_cast<int>(Hs / gs);
   const int64_t ldm = pad_rows(rows);
 
-  compact_kernel<T><<<1, kScanThreads, 0, stream>>>(static_cast<const T*>(keep_), rows, ws.idx, ws.pos, ws.count);
+  if (cudaMemsetAsync(ws.count, 0, sizeof(int), stream) != cudaSuccess) return DYC_STATUS_CUDA_ERROR;
+  const unsigned scan_blocks = static_cast<unsigned>((rows + kScanThreads * kScanItems - 1) / (kScanThreads * kScanItems));
+  compact_kernel<T><<<scan_blocks, kScanThreads, 0, stream>>>(static_cast<const T*>(keep_), rows, ws.idx, ws.pos,
+                                                              ws.count);
 
   // 16-byte vectors where every row and pointer allows it.
   constexpr int kVec = 16 / sizeof(T);

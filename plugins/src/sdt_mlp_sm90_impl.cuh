@@ -29,6 +29,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -99,9 +101,11 @@ struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedule
   using WorkTileInfo = typename Base::WorkTileInfo;
   struct Arguments : Base::Arguments {
     int const* count = nullptr;
+    int min_count = 0;  // at or below this many kept rows another kernel does the work: schedule nothing
   };
   struct Params : Base::Params {
     int const* count = nullptr;
+    int min_count = 0;
   };
 
   template <class ProblemShapeMNKL, class TileShape, class ClusterShape>
@@ -114,13 +118,15 @@ struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedule
         problem_shape_mnkl, tile_shape, cluster_shape, hw_info, arguments, workspace, epilogue_subtile,
         ktile_start_alignment);
     p.count = arguments.count;
+    p.min_count = arguments.min_count;
     return p;
   }
 
   CUTLASS_HOST_DEVICE KeptRowsScheduler() {}
 
   CUTLASS_DEVICE explicit KeptRowsScheduler(Params const& params) : Base(params) {
-    m_limit_ = (*params.count + TileM - 1) / TileM;
+    const int kept = *params.count;
+    m_limit_ = kept > params.min_count ? (kept + TileM - 1) / TileM : 0;
     skip_dropped();
   }
 
@@ -181,6 +187,9 @@ namespace {
 // Only the measured-best variant of each GEMM is instantiated (run_gemm* below).
 template <int V>
 using TileFor = Shape<cute::conditional_t<V == 2, _256, _128>, _144, _64>;
+// GEMM2 for few kept rows (one CTA per tile): 18 tiles across C = 1152 instead of 8, so that a few
+// M-tiles still spread the long K = Hs loop over many SMs.
+using TileFewRows2 = Shape<_128, _64, _64>;
 
 template <class Element, class TileShape, class EVT, int V>
 struct KernelFor {
@@ -193,7 +202,8 @@ struct KernelFor {
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
   // Epilogue subtiles of 48 columns (3 per 144-wide tile) rather than the automatic gcd(32, 144) =
   // 16: a third of the TMA stores per tile. (Measured neutral for GEMM1's speed; see RESULTS.md.)
-  using EpiTile = Shape<cute::conditional_t<V == 2, _128, _64>, _48>;
+  using EpiTile = Shape<cute::conditional_t<V == 2, _128, _64>,
+                        cute::conditional_t<size<1>(TileShape{}) % 48 == 0, _48, _32>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile, float, float, void,
       cutlass::layout::RowMajor, kAlign,
@@ -247,13 +257,17 @@ using Gemm2EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, Element, flo
                                  fusion::Sm90RowBroadcast<0, Tile, Element, float, Stride<_0, _1, _0>>>;
 template <class Element, int V>
 using Gemm2 = typename KernelFor<Element, TileFor<V>, Gemm2EVT<Element, TileFor<V>>, V>::Kernel;
+template <class Element>
+using Gemm2FewRows = typename KernelFor<Element, TileFewRows2, Gemm2EVT<Element, TileFewRows2>, 0>::Kernel;
 
-// cutlass::device_kernel plus the early exit on the device-side token count.
+// cutlass::device_kernel plus the early exit on the device-side token count (and on more than
+// max_count kept rows: the persistent kernel launched next to this one does those).
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
-    gemm_kept_rows(CUTLASS_GRID_CONSTANT typename Kernel::Params const params, int const* count) {
+    gemm_kept_rows(CUTLASS_GRID_CONSTANT typename Kernel::Params const params, int const* count, int max_count) {
   constexpr int kTileM = size<0>(typename Kernel::TileShape{});
-  if (static_cast<int>(blockIdx.x) * kTileM >= *count) return;
+  const int kept = *count;
+  if (kept > max_count || static_cast<int>(blockIdx.x) * kTileM >= kept) return;
   extern __shared__ char smem[];
   Kernel op;
   op(params, smem);
@@ -274,9 +288,14 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
+// bound: for V = 0 the most kept rows this launch handles (more: it exits), for the persistent
+// kernels the kept-row count at or below which it schedules nothing.
 template <int V, class Kernel>
-cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStream_t stream) {
-  if constexpr (V != 0) args.scheduler.count = count;
+cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStream_t stream, int bound) {
+  if constexpr (V != 0) {
+    args.scheduler.count = count;
+    args.scheduler.min_count = bound;
+  }
   if (!Kernel::can_implement(args)) return cudaErrorInvalidValue;
   // The persistent scheduler needs no workspace without split-K / stream-K; checked here.
   if (Kernel::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
@@ -293,7 +312,7 @@ cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStrea
   } else {
     e = cudaFuncSetAttribute(gemm_kept_rows<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
-    gemm_kept_rows<Kernel><<<grid, block, smem, stream>>>(params, count);
+    gemm_kept_rows<Kernel><<<grid, block, smem, stream>>>(params, count, bound);
   }
   return cudaGetLastError();
 }
@@ -321,20 +340,20 @@ cudaError_t gemm1(const Sm90Args& a) {
   args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
   args.epilogue.dD = sD;
   args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream);
+  return launch<V, K>(args, a.ws.count, a.stream, V == 0 ? INT_MAX : 0);
 }
 
-// One unbatched GEMM D[M, N] = epilogue(A[M, K] · B[N, K]ᵀ) over all a.rows (tiles past the kept
-// count do nothing); set_fusion fills the kernel's epilogue (EVT) arguments.
+// One unbatched GEMM D[M, N] = epilogue(A[M, K] · B[N, K]ᵀ) over the first M rows (tiles past the
+// kept count do nothing; `bound` as in launch); set_fusion fills the kernel's epilogue (EVT) arguments.
 template <class Element, int V, class K, class SetFusion>
-cudaError_t flat_gemm(const Sm90Args& a, int N, int Kd, const void* A, int64_t lda, const void* B, int64_t ldb,
-                      void* D, SetFusion set_fusion) {
+cudaError_t flat_gemm(const Sm90Args& a, int64_t M, int bound, int N, int Kd, const void* A, int64_t lda,
+                      const void* B, int64_t ldb, void* D, SetFusion set_fusion) {
   typename K::StrideA sA = make_stride(lda, _1{}, int64_t(0));
   typename K::StrideB sB = make_stride(ldb, _1{}, int64_t(0));
   typename K::StrideD sD = make_stride(int64_t(N), _1{}, int64_t(0));
   typename K::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = make_shape(static_cast<int>(a.rows), N, Kd, 1);
+  args.problem_shape = make_shape(static_cast<int>(M), N, Kd, 1);
   args.mainloop = {static_cast<Element const*>(A), sA, static_cast<Element const*>(B), sB};
   set_fusion(args.epilogue.thread);
   args.epilogue.ptr_C = nullptr;
@@ -342,58 +361,88 @@ cudaError_t flat_gemm(const Sm90Args& a, int N, int Kd, const void* A, int64_t l
   args.epilogue.ptr_D = static_cast<Element*>(D);
   args.epilogue.dD = sD;
   args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream);
+  return launch<V, K>(args, a.ws.count, a.stream, bound);
 }
 
 template <class Element, int V>
-cudaError_t gemm1_plain(const Sm90Args& a) {
+cudaError_t gemm1_plain(const Sm90Args& a, int64_t M, int bound) {
   const auto* bias = static_cast<Element const*>(a.fc1_b);
   return flat_gemm<Element, V, Gemm1Plain<Element, V>>(
-      a, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      a, M, bound, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
       [&](auto& t) { t = {{{}, {bias, Element(0), {}}, {}}, {}}; });  // {gelu-node {plus-node {acc, bias, op}}}
 }
 
 template <class Element, int V>
-cudaError_t gemm1_colmask(const Sm90Args& a) {
+cudaError_t gemm1_colmask(const Sm90Args& a, int64_t M, int bound) {
   const auto* bias = static_cast<Element const*>(a.fc1_b);
   return flat_gemm<Element, V, Gemm1ColMask<Element, V>>(
-      a, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      a, M, bound, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
       // {mul-node {gelu-node {plus-node {acc, bias, op}, op}, colmask, op}}
       [&](auto& t) { t = {{{{}, {bias, Element(0), {}}, {}}, {}}, {a.ws.colmask, 0.f, {}}, {}}; });
 }
 
-template <class Element, int V>
-cudaError_t gemm2(const Sm90Args& a) {
+template <class Element, int V, class K>
+cudaError_t gemm2(const Sm90Args& a, int64_t M, int bound) {
   const auto* bias = static_cast<Element const*>(a.fc2_b);
-  return flat_gemm<Element, V, Gemm2<Element, V>>(
-      a, static_cast<int>(a.channels), static_cast<int>(a.hidden), a.ws.h, a.hidden, a.fc2_w, a.fc2_ld, a.ws.d,
+  return flat_gemm<Element, V, K>(
+      a, M, bound, static_cast<int>(a.channels), static_cast<int>(a.hidden), a.ws.h, a.hidden, a.fc2_w, a.fc2_ld, a.ws.d,
       [&](auto& t) { t = {{}, {bias, Element(0), {}}, {}}; });  // {plus-node {acc, bias, op}}
 }
 
-// Kernel per GEMM (bench/RESULTS.md): GEMM2 (K = Hs, long) as the persistent cooperative kernel --
-// 58 us vs 70 (one CTA per tile) on H100, cuBLAS 57 us. GEMM1 without or with a shared mask: the
-// persistent cooperative kernel too (coop 176 us vs tma 186 us for the whole op at 50 % kept, H100,
-// once the fast GELU made the epilogue cheap); both are built, DYC_SM90_GEMM1=tma|coop picks one at
-// run time. The per-image-mask GEMM1 (group-batched) stays one CTA per tile.
-inline int gemm1_variant() {
+// Kernels per GEMM (bench/RESULTS.md, bench/sweep_sdt_rows.py). The kept-row count is known on the
+// device only, and no one tile shape suits every count: the persistent cooperative kernels (256-row
+// tiles) reach ~85-95 % of cuBLAS from ~4000 rows up, but below ~2000 rows their few tiles leave
+// most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). So each GEMM launches two
+// kernels: one-CTA-per-tile with smaller tiles, which works only when the count is at most
+// `few_rows` (the launch covers just those rows), and the persistent kernel, which schedules
+// nothing at or below it. One of the two exits at once. DYC_SM90_FEW_ROWS1 / _2 set the thresholds
+// (0: persistent only); DYC_SM90_GEMM1=tma|coop keeps its meaning (one kernel for every count).
+// The per-image-mask GEMM1 (group-batched) stays one CTA per tile.
+inline int env_int(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : fallback;
+}
+inline int few_rows_gemm1() {
   static const int v = [] {
     const char* e = std::getenv("DYC_SM90_GEMM1");
-    return e && std::strcmp(e, "tma") == 0 ? 0 : 2;
+    if (e && std::strcmp(e, "tma") == 0) return INT_MAX;
+    if (e && std::strcmp(e, "coop") == 0) return 0;
+    return env_int("DYC_SM90_FEW_ROWS1", 3072);
   }();
   return v;
 }
+inline int few_rows_gemm2() {
+  static const int v = env_int("DYC_SM90_FEW_ROWS2", 2048);
+  return v;
+}
+
+// The small-tile launch (counts <= few) and the persistent one (counts > few), as a.rows allows.
+template <class Small, class Large>
+cudaError_t two_kernels(const Sm90Args& a, int few, Small small, Large large) {
+  if (few > 0) {
+    const cudaError_t e = small(std::min<int64_t>(a.rows, few), few);
+    if (e != cudaSuccess || a.rows <= few) return e;
+  }
+  return large(a.rows, std::max(few, 0));
+}
+
 template <class E>
 cudaError_t run_gemm1(const Sm90Args& a) { return gemm1<E, 0>(a); }
 template <class E>
 cudaError_t run_gemm1_plain(const Sm90Args& a) {
-  return gemm1_variant() == 0 ? gemm1_plain<E, 0>(a) : gemm1_plain<E, 2>(a);
+  return two_kernels(a, few_rows_gemm1(), [&](int64_t m, int b) { return gemm1_plain<E, 0>(a, m, b); },
+                     [&](int64_t m, int b) { return gemm1_plain<E, 2>(a, m, b); });
 }
 template <class E>
 cudaError_t run_gemm1_colmask(const Sm90Args& a) {
-  return gemm1_variant() == 0 ? gemm1_colmask<E, 0>(a) : gemm1_colmask<E, 2>(a);
+  return two_kernels(a, few_rows_gemm1(), [&](int64_t m, int b) { return gemm1_colmask<E, 0>(a, m, b); },
+                     [&](int64_t m, int b) { return gemm1_colmask<E, 2>(a, m, b); });
 }
 template <class E>
-cudaError_t run_gemm2(const Sm90Args& a) { return gemm2<E, 2>(a); }
+cudaError_t run_gemm2(const Sm90Args& a) {
+  return two_kernels(a, few_rows_gemm2(), [&](int64_t m, int b) { return gemm2<E, 0, Gemm2FewRows<E>>(a, m, b); },
+                     [&](int64_t m, int b) { return gemm2<E, 2, Gemm2<E, 2>>(a, m, b); });
+}
 
 }  // namespace
 
