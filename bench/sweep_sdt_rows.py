@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,12 +63,12 @@ def main() -> None:
             keep[torch.randperm(b * n, device=dev, generator=g)[:m]] = 1
             keep = keep.view(b, n)
             out = torch.empty_like(x)
-            ours = split(kernel_times(lambda: K.sdt_mlp(x, *mods, keep, w1, b1, w2, b2, out=out), iters=20))
+            ours = split(kernel_times(partial(K.sdt_mlp, x, *mods, keep, w1, b1, w2, b2, out=out), iters=20))
             xa = torch.randn(m, c, device=dev, generator=g).to(dt)
             ha = torch.randn(m, hs, device=dev, generator=g).to(dt)
-            cb1 = sum(v for k, v in kernel_times(lambda: F.linear(xa, w1, b1), iters=20).items()
+            cb1 = sum(v for k, v in kernel_times(partial(F.linear, xa, w1, b1), iters=20).items()
                       if "gemm" in k or "nvjet" in k or "xmma" in k)
-            cb2 = sum(v for k, v in kernel_times(lambda: F.linear(ha, w2, b2), iters=20).items()
+            cb2 = sum(v for k, v in kernel_times(partial(F.linear, ha, w2, b2), iters=20).items()
                       if "gemm" in k or "nvjet" in k or "xmma" in k)
             fl = 2 * m * c * hs / 1e6  # MFLOP per GEMM -> TFLOP/s = MFLOP / µs
             row = {"rows": m, "hidden": hs, "dyc_fc1_us": ours["fc1"], "dyc_fc2_us": ours["fc2"],
