@@ -101,11 +101,14 @@ struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedule
   using WorkTileInfo = typename Base::WorkTileInfo;
   struct Arguments : Base::Arguments {
     int const* count = nullptr;
-    int min_count = 0;  // at or below this many kept rows another kernel does the work: schedule nothing
+    // the kernel works only when min_count < kept rows <= max_count (else another kernel does): schedule nothing
+    int min_count = 0;
+    int max_count = INT_MAX;
   };
   struct Params : Base::Params {
     int const* count = nullptr;
     int min_count = 0;
+    int max_count = INT_MAX;
   };
 
   template <class ProblemShapeMNKL, class TileShape, class ClusterShape>
@@ -119,6 +122,7 @@ struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedule
         ktile_start_alignment);
     p.count = arguments.count;
     p.min_count = arguments.min_count;
+    p.max_count = arguments.max_count;
     return p;
   }
 
@@ -126,7 +130,7 @@ struct KeptRowsScheduler : cutlass::gemm::kernel::detail::PersistentTileSchedule
 
   CUTLASS_DEVICE explicit KeptRowsScheduler(Params const& params) : Base(params) {
     const int kept = *params.count;
-    m_limit_ = kept > params.min_count ? (kept + TileM - 1) / TileM : 0;
+    m_limit_ = kept > params.min_count && kept <= params.max_count ? (kept + TileM - 1) / TileM : 0;
     skip_dropped();
   }
 
@@ -187,8 +191,8 @@ namespace {
 // Only the measured-best variant of each GEMM is instantiated (run_gemm* below).
 template <int V>
 using TileFor = Shape<cute::conditional_t<V == 2, _256, _128>, _144, _64>;
-// GEMM2 for few kept rows (one CTA per tile): 18 tiles across C = 1152 instead of 8, so that a few
-// M-tiles still spread the long K = Hs loop over many SMs.
+// GEMM2 for few kept rows (persistent ping-pong): 18 tiles across C = 1152 instead of 8, so that a
+// few M-tiles still spread the long K = Hs loop over many SMs.
 using TileFewRows2 = Shape<_128, _64, _64>;
 
 template <class Element, class TileShape, class EVT, int V>
@@ -258,7 +262,7 @@ using Gemm2EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, Element, flo
 template <class Element, int V>
 using Gemm2 = typename KernelFor<Element, TileFor<V>, Gemm2EVT<Element, TileFor<V>>, V>::Kernel;
 template <class Element>
-using Gemm2FewRows = typename KernelFor<Element, TileFewRows2, Gemm2EVT<Element, TileFewRows2>, 0>::Kernel;
+using Gemm2FewRows = typename KernelFor<Element, TileFewRows2, Gemm2EVT<Element, TileFewRows2>, 1>::Kernel;
 
 // cutlass::device_kernel plus the early exit on the device-side token count (and on more than
 // max_count kept rows: the persistent kernel launched next to this one does those).
@@ -288,13 +292,13 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
-// bound: for V = 0 the most kept rows this launch handles (more: it exits), for the persistent
-// kernels the kept-row count at or below which it schedules nothing.
+// The launch works only when lo < kept rows <= hi (the one-CTA-per-tile kernel (V = 0) takes lo = 0).
 template <int V, class Kernel>
-cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStream_t stream, int bound) {
+cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStream_t stream, int lo, int hi) {
   if constexpr (V != 0) {
     args.scheduler.count = count;
-    args.scheduler.min_count = bound;
+    args.scheduler.min_count = lo;
+    args.scheduler.max_count = hi;
   }
   if (!Kernel::can_implement(args)) return cudaErrorInvalidValue;
   // The persistent scheduler needs no workspace without split-K / stream-K; checked here.
@@ -312,7 +316,7 @@ cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStrea
   } else {
     e = cudaFuncSetAttribute(gemm_kept_rows<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
-    gemm_kept_rows<Kernel><<<grid, block, smem, stream>>>(params, count, bound);
+    gemm_kept_rows<Kernel><<<grid, block, smem, stream>>>(params, count, hi);
   }
   return cudaGetLastError();
 }
@@ -340,13 +344,13 @@ cudaError_t gemm1(const Sm90Args& a) {
   args.epilogue.ptr_D = static_cast<Element*>(a.ws.h);
   args.epilogue.dD = sD;
   args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream, V == 0 ? INT_MAX : 0);
+  return launch<V, K>(args, a.ws.count, a.stream, 0, INT_MAX);
 }
 
 // One unbatched GEMM D[M, N] = epilogue(A[M, K] · B[N, K]ᵀ) over the first M rows (tiles past the
-// kept count do nothing; `bound` as in launch); set_fusion fills the kernel's epilogue (EVT) arguments.
+// kept count do nothing; lo, hi as in launch); set_fusion fills the kernel's epilogue (EVT) arguments.
 template <class Element, int V, class K, class SetFusion>
-cudaError_t flat_gemm(const Sm90Args& a, int64_t M, int bound, int N, int Kd, const void* A, int64_t lda,
+cudaError_t flat_gemm(const Sm90Args& a, int64_t M, int lo, int hi, int N, int Kd, const void* A, int64_t lda,
                       const void* B, int64_t ldb, void* D, SetFusion set_fusion) {
   typename K::StrideA sA = make_stride(lda, _1{}, int64_t(0));
   typename K::StrideB sB = make_stride(ldb, _1{}, int64_t(0));
@@ -361,31 +365,31 @@ cudaError_t flat_gemm(const Sm90Args& a, int64_t M, int bound, int N, int Kd, co
   args.epilogue.ptr_D = static_cast<Element*>(D);
   args.epilogue.dD = sD;
   args.hw_info.sm_count = sm_count();
-  return launch<V, K>(args, a.ws.count, a.stream, bound);
+  return launch<V, K>(args, a.ws.count, a.stream, lo, hi);
 }
 
 template <class Element, int V>
-cudaError_t gemm1_plain(const Sm90Args& a, int64_t M, int bound) {
+cudaError_t gemm1_plain(const Sm90Args& a, int64_t M, int lo, int hi) {
   const auto* bias = static_cast<Element const*>(a.fc1_b);
   return flat_gemm<Element, V, Gemm1Plain<Element, V>>(
-      a, M, bound, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      a, M, lo, hi, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
       [&](auto& t) { t = {{{}, {bias, Element(0), {}}, {}}, {}}; });  // {gelu-node {plus-node {acc, bias, op}}}
 }
 
 template <class Element, int V>
-cudaError_t gemm1_colmask(const Sm90Args& a, int64_t M, int bound) {
+cudaError_t gemm1_colmask(const Sm90Args& a, int64_t M, int lo, int hi) {
   const auto* bias = static_cast<Element const*>(a.fc1_b);
   return flat_gemm<Element, V, Gemm1ColMask<Element, V>>(
-      a, M, bound, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
+      a, M, lo, hi, static_cast<int>(a.hidden), static_cast<int>(a.channels), a.ws.a, a.channels, a.fc1_w, a.channels, a.ws.h,
       // {mul-node {gelu-node {plus-node {acc, bias, op}, op}, colmask, op}}
       [&](auto& t) { t = {{{{}, {bias, Element(0), {}}, {}}, {}}, {a.ws.colmask, 0.f, {}}, {}}; });
 }
 
 template <class Element, int V, class K>
-cudaError_t gemm2(const Sm90Args& a, int64_t M, int bound) {
+cudaError_t gemm2(const Sm90Args& a, int64_t M, int lo, int hi) {
   const auto* bias = static_cast<Element const*>(a.fc2_b);
   return flat_gemm<Element, V, K>(
-      a, M, bound, static_cast<int>(a.channels), static_cast<int>(a.hidden), a.ws.h, a.hidden, a.fc2_w, a.fc2_ld, a.ws.d,
+      a, M, lo, hi, static_cast<int>(a.channels), static_cast<int>(a.hidden), a.ws.h, a.hidden, a.fc2_w, a.fc2_ld, a.ws.d,
       [&](auto& t) { t = {{}, {bias, Element(0), {}}, {}}; });  // {plus-node {acc, bias, op}}
 }
 
@@ -393,22 +397,25 @@ cudaError_t gemm2(const Sm90Args& a, int64_t M, int bound) {
 // device only, and no one tile shape suits every count: the persistent cooperative kernels (256-row
 // tiles) reach ~85-95 % of cuBLAS from ~4000 rows up, but below ~2000 rows their few tiles leave
 // most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). So each GEMM launches two
-// kernels: one-CTA-per-tile with smaller tiles, which works only when the count is at most
-// `few_rows` (the launch covers just those rows), and the persistent kernel, which schedules
-// nothing at or below it. One of the two exits at once. DYC_SM90_FEW_ROWS1 / _2 set the thresholds
-// (0: persistent only); DYC_SM90_GEMM1=tma|coop keeps its meaning (one kernel for every count).
-// The per-image-mask GEMM1 (group-batched) stays one CTA per tile.
+// persistent kernels and the tile scheduler of one of them schedules nothing: ping-pong with
+// 128-row tiles (GEMM2 also narrower, 128 x 64) over the first `few_rows` rows when at most that
+// many are kept, cooperative with 256-row tiles otherwise. (One-CTA-per-tile kernels for the
+// small side lost ~10 us to launching the CTAs that exit.) DYC_SM90_FEW_ROWS1 / _2 override the
+// thresholds (0: cooperative only); DYC_SM90_GEMM1=tma runs GEMM1 one CTA per tile for every
+// count. The per-image-mask GEMM1 (group-batched) is one CTA per tile always.
 inline int env_int(const char* name, int fallback) {
   const char* e = std::getenv(name);
   return e && *e ? std::atoi(e) : fallback;
 }
-inline int few_rows_gemm1() {
-  static const int v = [] {
+inline bool gemm1_tma() {
+  static const bool v = [] {
     const char* e = std::getenv("DYC_SM90_GEMM1");
-    if (e && std::strcmp(e, "tma") == 0) return INT_MAX;
-    if (e && std::strcmp(e, "coop") == 0) return 0;
-    return env_int("DYC_SM90_FEW_ROWS1", 3072);
+    return e && std::strcmp(e, "tma") == 0;
   }();
+  return v;
+}
+inline int few_rows_gemm1() {
+  static const int v = env_int("DYC_SM90_FEW_ROWS1", 2048);
   return v;
 }
 inline int few_rows_gemm2() {
@@ -416,32 +423,36 @@ inline int few_rows_gemm2() {
   return v;
 }
 
-// The small-tile launch (counts <= few) and the persistent one (counts > few), as a.rows allows.
+// The few-rows launch (counts <= few) and the other (counts > few), as a.rows allows.
 template <class Small, class Large>
 cudaError_t two_kernels(const Sm90Args& a, int few, Small small, Large large) {
   if (few > 0) {
-    const cudaError_t e = small(std::min<int64_t>(a.rows, few), few);
+    const cudaError_t e = small(std::min<int64_t>(a.rows, few), 0, few);
     if (e != cudaSuccess || a.rows <= few) return e;
   }
-  return large(a.rows, std::max(few, 0));
+  return large(a.rows, std::max(few, 0), INT_MAX);
 }
 
 template <class E>
 cudaError_t run_gemm1(const Sm90Args& a) { return gemm1<E, 0>(a); }
 template <class E>
 cudaError_t run_gemm1_plain(const Sm90Args& a) {
-  return two_kernels(a, few_rows_gemm1(), [&](int64_t m, int b) { return gemm1_plain<E, 0>(a, m, b); },
-                     [&](int64_t m, int b) { return gemm1_plain<E, 2>(a, m, b); });
+  if (gemm1_tma()) return gemm1_plain<E, 0>(a, a.rows, 0, INT_MAX);
+  return two_kernels(a, few_rows_gemm1(), [&](int64_t m, int lo, int hi) { return gemm1_plain<E, 1>(a, m, lo, hi); },
+                     [&](int64_t m, int lo, int hi) { return gemm1_plain<E, 2>(a, m, lo, hi); });
 }
 template <class E>
 cudaError_t run_gemm1_colmask(const Sm90Args& a) {
-  return two_kernels(a, few_rows_gemm1(), [&](int64_t m, int b) { return gemm1_colmask<E, 0>(a, m, b); },
-                     [&](int64_t m, int b) { return gemm1_colmask<E, 2>(a, m, b); });
+  if (gemm1_tma()) return gemm1_colmask<E, 0>(a, a.rows, 0, INT_MAX);
+  return two_kernels(a, few_rows_gemm1(),
+                     [&](int64_t m, int lo, int hi) { return gemm1_colmask<E, 1>(a, m, lo, hi); },
+                     [&](int64_t m, int lo, int hi) { return gemm1_colmask<E, 2>(a, m, lo, hi); });
 }
 template <class E>
 cudaError_t run_gemm2(const Sm90Args& a) {
-  return two_kernels(a, few_rows_gemm2(), [&](int64_t m, int b) { return gemm2<E, 0, Gemm2FewRows<E>>(a, m, b); },
-                     [&](int64_t m, int b) { return gemm2<E, 2, Gemm2<E, 2>>(a, m, b); });
+  return two_kernels(a, few_rows_gemm2(),
+                     [&](int64_t m, int lo, int hi) { return gemm2<E, 1, Gemm2FewRows<E>>(a, m, lo, hi); },
+                     [&](int64_t m, int lo, int hi) { return gemm2<E, 2, Gemm2<E, 2>>(a, m, lo, hi); });
 }
 
 }  // namespace
