@@ -163,7 +163,7 @@ def test_cuda_graph_capture_follows_device_side_count():
 @pytest.mark.parametrize("mask", ["none", "shared"])
 def test_cuda_graph_across_the_few_rows_thresholds(dtype, mask):
     """One captured call at 32 x 256 tokens; kept counts below, at and above the Hopper GEMMs'
-    few-rows thresholds (GEMM1 3072, GEMM2 2048: two kernels each, one exits) replay correctly."""
+    few-rows thresholds (GEMM1 6144, GEMM2 2048: two kernels each, one exits) replay correctly."""
     ts, _, gs = make_inputs(32, 256, C_XL, 16, GS_XL, dtype, keep_rate=0.5, seed=31, channel_mask=False)
     cm = None
     if mask == "shared":
@@ -180,7 +180,7 @@ def test_cuda_graph_across_the_few_rows_thresholds(dtype, mask):
         K.sdt_mlp(*ts, channel_mask=cm, group_size=gs, out=y)
     g = torch.Generator(device="cuda").manual_seed(3)
     rows = 32 * 256
-    for kept in (0, 1, 100, 2047, 2048, 2049, 3072, 3073, 5000, rows):
+    for kept in (0, 1, 100, 2047, 2048, 2049, 3072, 5000, 6144, 6145, rows):
         flat = torch.zeros(rows, device="cuda")
         flat[torch.randperm(rows, generator=g, device="cuda")[:kept]] = 1
         ts[4].copy_(flat.view(32, 256).to(dtype))

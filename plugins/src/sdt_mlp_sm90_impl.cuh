@@ -299,6 +299,10 @@ cudaError_t launch(typename Kernel::Arguments& args, int const* count, cudaStrea
     args.scheduler.count = count;
     args.scheduler.min_count = lo;
     args.scheduler.max_count = hi;
+    // N fastest: the tiles below the count are then a prefix of the linear tile order, so every
+    // CTA gets an equal share (with M fastest and few M-tiles, some CTAs got 3 tiles, others 1)
+    using RasterOptions = decltype(args.scheduler.raster_order);
+    args.scheduler.raster_order = RasterOptions::AlongN;
   }
   if (!Kernel::can_implement(args)) return cudaErrorInvalidValue;
   // The persistent scheduler needs no workspace without split-K / stream-K; checked here.
@@ -399,7 +403,9 @@ cudaError_t gemm2(const Sm90Args& a, int64_t M, int lo, int hi) {
 // most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). So each GEMM launches two
 // persistent kernels and the tile scheduler of one of them schedules nothing: ping-pong with
 // 128-row tiles (GEMM2 also narrower, 128 x 64) over the first `few_rows` rows when at most that
-// many are kept, cooperative with 256-row tiles otherwise. (One-CTA-per-tile kernels for the
+// many are kept, cooperative with 256-row tiles otherwise. Thresholds from an H200 sweep: GEMM1's
+// ping-pong kernel is as fast or faster up to 6144 rows (the largest count measured), GEMM2's up
+// to ~2048. (One-CTA-per-tile kernels for the
 // small side lost ~10 us to launching the CTAs that exit.) DYC_SM90_FEW_ROWS1 / _2 override the
 // thresholds (0: cooperative only); DYC_SM90_GEMM1=tma runs GEMM1 one CTA per tile for every
 // count. The per-image-mask GEMM1 (group-batched) is one CTA per tile always.
@@ -415,7 +421,7 @@ inline bool gemm1_tma() {
   return v;
 }
 inline int few_rows_gemm1() {
-  static const int v = env_int("DYC_SM90_FEW_ROWS1", 2048);
+  static const int v = env_int("DYC_SM90_FEW_ROWS1", 6144);
   return v;
 }
 inline int few_rows_gemm2() {
