@@ -94,13 +94,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * a.batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     x = x.to(dev, B._DTYPES[a.dtype])
-    y = torch.randint(0, cfg.num_classes, (2 * a.batch,), generator=g).to(dev)
+    y = torch.randint(0, cfg.num_classes, (a.batch,), generator=g)
+    y = torch.cat([y, torch.full((a.batch,), cfg.num_classes)]).to(dev)  # CFG: the null class
+    eager, dydit, _ = B._eager_runners(ck, setup)
+    xs = B.trajectory_inputs(dydit or eager, setup, x, y)  # each t's input as `dyc bench` times it
+    del eager, dydit
     static, dyn = B._torch_runners(ck, setup, calib=2, groups=a.groups)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"# {name}  {cfg.name}  {a.dtype}  {2 * a.batch} rows")
     out = {"device": name, "rows": 2 * a.batch}
     with torch.no_grad():
-        out["static"] = summarize("torch-static", kernel_times(lambda: static.eager_call(x, 500, y)))
+        mid = schedule[len(schedule) // 2]
+        out["static"] = summarize("torch-static", kernel_times(lambda: static.eager_call(xs[mid], mid, y)))
         if dyn is not None:
             # every group at its first timestep, weighted by how many steps it serves
             groups = dyn.groups
@@ -109,7 +114,7 @@ def main() -> None:
             out["groups"] = {}
             for gi, n in sorted(uses.items()):
                 t = next(t for t in schedule if group_of(groups, t).index == gi)
-                agg = kernel_times(lambda t=t: dyn.eager_call(x, t, y))
+                agg = kernel_times(lambda t=t: dyn.eager_call(xs[t], t, y))
                 out["groups"][gi] = summarize(f"torch DyDiT group {gi} (t={t}, {n} of {len(schedule)} steps)", agg)
                 for k, v in agg.items():
                     weighted[k] += v * n / len(schedule)

@@ -51,6 +51,7 @@ class Row:
     weight_bytes: int | None = None
     peak_activation_bytes: int | None = None
     engines: int | None = None  # compiled DyDiT: how many group engines (K) serve the schedule
+    rel_l2_per_t: dict[int, float] = field(default_factory=dict)  # the check, at each t it looked at
 
 
 def _sync(device: torch.device) -> None:
@@ -171,31 +172,54 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
     return static_row, row
 
 
-def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Row:
-    """Per-step and end-to-end times of a row that has had its ``_warm_up``."""
+@torch.no_grad()
+def _sample(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor,
+            record: dict[int, torch.Tensor] | None = None) -> None:
+    """One sampling loop through the runtime's own sampler and CFG around the row's model calls, as
+    a user runs it, from the noise x[:images]; ``record`` keeps each step's model input by t."""
+    from .runtime.cfg import cfg_combine
+    from .runtime.samplers import make_sampler
+
+    sampler = make_sampler(setup.sampler, len(setup.schedule))
+    guided = setup.rows_batch != setup.images
+    gen = torch.Generator().manual_seed(0) if sampler.needs_generator else None
+    xt = x[: setup.images].float()
+    for i, t in enumerate(sampler.timesteps):
+        xin = (torch.cat([xt, xt]) if guided else xt).to(x.dtype)
+        if record is not None:
+            record[int(t)] = xin.clone()
+        out = runner.call(xin, t, y).float()
+        if guided:
+            out = cfg_combine(out, setup.cfg.in_channels, setup.cfg_scale)
+        xt = sampler.step(i, xt, out, gen)
+
+
+def trajectory_inputs(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The model inputs of each step of one sampling run of ``runner`` from noise x, by t.
+
+    Per-step figures are taken on these, not on one noise tensor at every t: SDT's work depends on
+    the input (a DyDiT keeps far more tokens of pure noise at small t than of the latents the
+    sampler really has there), so a fixed input would time calls the sampler never makes.
+    """
+    xs: dict[int, torch.Tensor] = {}
+    _sample(runner, setup, x, y, record=xs)
+    return xs
+
+
+def _measure(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             repeats: int) -> Row:
+    """Per-step times on the trajectory inputs ``xs`` and the end-to-end time from the noise x, of a
+    row that has had its ``_warm_up``."""
     dev = setup.device
     row = Row(runner.name, engines=len(runner.groups) if runner.groups else None)
     with torch.no_grad():
         per_t = {t: [] for t in setup.schedule}
         for _ in range(repeats):
             for t in setup.schedule:
-                per_t[t].append(_time_call(lambda t=t: runner.call(x, t, y), dev))
-        # end to end: the runtime's own sampler and CFG around the row's model calls, as a user runs it
-        from .runtime.cfg import cfg_combine
-        from .runtime.samplers import make_sampler
-
-        sampler = make_sampler(setup.sampler, len(setup.schedule))
-        guided = setup.rows_batch != setup.images
-        gen = torch.Generator().manual_seed(0) if sampler.needs_generator else None
+                per_t[t].append(_time_call(lambda t=t: runner.call(xs[t], t, y), dev))
         _sync(dev)
         t0 = time.perf_counter()
-        xt = x[: setup.images].float()
-        for i, t in enumerate(sampler.timesteps):
-            xin = torch.cat([xt, xt]) if guided else xt
-            out = runner.call(xin.to(x.dtype), t, y).float()
-            if guided:
-                out = cfg_combine(out, setup.cfg.in_channels, setup.cfg_scale)
-            xt = sampler.step(i, xt, out, gen)
+        _sample(runner, setup, x, y)
         _sync(dev)
         row.s_per_image = (time.perf_counter() - t0) / setup.images
     meds = [statistics.median(per_t[t]) for t in setup.schedule]
@@ -206,7 +230,7 @@ def _measure(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     return row
 
 
-def _warm_up(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> int | None:
+def _warm_up(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], y: torch.Tensor) -> int | None:
     """One pass over the schedule (every group once, CUDA graphs captured); returns its peak
     activation bytes on the GPU, None elsewhere.
 
@@ -220,26 +244,29 @@ def _warm_up(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tenso
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
     with torch.no_grad():
         for t in setup.schedule:
-            runner.call(x, t, y)
+            runner.call(xs[t], t, y)
     _sync(dev)
     return int(torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None
 
 
-def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, x, y) -> tuple[float, float]:
-    """Max and relative-L2 error against the reference row at a few t of the schedule.
+def _check(runner: _Runner, ref: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], y
+           ) -> tuple[float, float, dict[int, float]]:
+    """Max and relative-L2 error against the reference row at a few t of the schedule (and the
+    relative L2 error at each of them).
 
     In bf16/fp16 a router logit within rounding of its threshold can flip a token or head
     between two correct implementations; such a flip moves a few elements a lot and the L2
     error a little, so the pass criterion is the relative L2 error.
     """
     ts = setup.schedule[:: max(1, len(setup.schedule) // 8)] + [setup.schedule[-1]]
-    worst = l2 = 0.0
+    worst = 0.0
+    per_t: dict[int, float] = {}
     with torch.no_grad():
         for t in ts:
-            a, b = runner.call(x, t, y).float(), ref.call(x, t, y).float()
+            a, b = runner.call(xs[t], t, y).float(), ref.call(xs[t], t, y).float()
             worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)))
-            l2 = max(l2, float((a - b).norm() / b.norm().clamp_min(1e-12)))
-    return worst, l2
+            per_t[int(t)] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return worst, max(per_t.values()), per_t
 
 
 def run_bench(
@@ -286,6 +313,10 @@ def run_bench(
     runners["eager"] = eager
     if dydit:
         runners["eager-dydit"] = dydit
+    # every row's per-step inputs: the latents of one guided sampling run of the model itself
+    # (the official masked DyDiT for a DyDiT checkpoint), by t
+    xs = trajectory_inputs(dydit or eager, setup, x, y)
+    report["step_inputs"] = f"{(dydit or eager).name} {sampler} trajectory from seed {seed}"
     want = list(dict.fromkeys(["eager", *backends]))
     if "torch" in want and "torch-static" not in want:
         want.insert(want.index("torch"), "torch-static")
@@ -321,13 +352,13 @@ def run_bench(
                 return _model(xx.to(_dt), tt, yy, tdw_masks=_m(t, xx.shape[0]))
 
             ref = _Runner("eager-dydit", ref_call, dydit.gflops_of_t)
-        peak = _warm_up(r, setup, x, y)
-        err, l2 = _check(r, ref, setup, x, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0)
+        peak = _warm_up(r, setup, xs, y)
+        err, l2, l2_t = _check(r, ref, setup, xs, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0, {})
         del ref_model
         print(f"timing {name} ...", file=sys.stderr)
-        row = _measure(r, setup, x, y, repeats)
+        row = _measure(r, setup, xs, x, y, repeats)
         row.peak_activation_bytes = peak
-        row.max_rel_err, row.rel_l2_err, row.dtype = err, l2, ref_dtype
+        row.max_rel_err, row.rel_l2_err, row.rel_l2_per_t, row.dtype = err, l2, l2_t, ref_dtype
         if l2 > _TOL[ref_dtype]:  # measured, but flagged: a figure of a wrong computation is no result
             row.status = f"CHECK FAILED: relative L2 error {l2:.2e} > {_TOL[ref_dtype]:.0e} (max {err:.2e})"
         rows[name] = row
