@@ -40,6 +40,8 @@ def check(device: str, dtype: torch.dtype, shape=(2, 37, 96), hidden: int = 6) -
     assert sure.float().mean() > 0.8 and 0 < (logit > 0).float().mean() < 1
     assert torch.equal((keep > 0.5)[sure], (logit > 0)[sure])
     assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    # the router alone, on the new h, decides the same
+    assert torch.equal(K.router_keep(got_h, w0, b0, w2, b2), keep)
 
 
 @pytest.mark.skipif(not K.available("cuda"), reason="needs a CUDA GPU and Triton")

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import DycError
+from ..kernels import token_router
 from ..model import modulate, timestep_embedding
 from .base import Backend
 
@@ -69,13 +70,16 @@ def _fast_ln_modulate() -> Callable:
     return k.ln_modulate if k.available() else _fused(ln_modulate)
 
 
-def _fast_residual_router(device: torch.device, dtype: torch.dtype) -> Callable | None:
-    """The fused gated-residual + token-router Triton kernel where it runs (CUDA, fp16/bf16), else None."""
+def _fast_router(device: torch.device, dtype: torch.dtype) -> str | None:
+    """How the token router runs: "fused" (gated residual + router, one Triton kernel), "split"
+    (inductor's residual, then the Triton router GEMM with the gate in its epilogue), or None
+    (unfused PyTorch: CPU, fp32, no Triton). DYC_TOKEN_ROUTER=fused|split|torch overrides."""
     from ..kernels import token_router as k
 
     if dtype not in (torch.float16, torch.bfloat16) or not k.available(device):
         return None
-    return k.residual_router
+    mode = os.environ.get("DYC_TOKEN_ROUTER", "fused")
+    return None if mode == "torch" else mode
 
 
 def _sdt_mlp_op():
@@ -244,7 +248,7 @@ class SlicedDiT(nn.Module):
         fuse = dev.type == "cuda" if fuse is None else fuse
         self.ln_mod = _fast_ln_modulate() if fuse else ln_modulate
         self.gate_res = _fused(gate_residual) if fuse else gate_residual
-        self.router = _fast_residual_router(dev, dtype) if (fuse and cfg.dynamic) else None
+        self.router = _fast_router(dev, dtype) if (fuse and cfg.dynamic) else None
 
     def weight_tensors(self) -> list[torch.Tensor]:
         return self.shared.tensors()
@@ -287,10 +291,13 @@ class SlicedDiT(nn.Module):
                     o = o * hm[:, None, :, None].to(dt)
             o = F.linear(o.reshape(b, -1, nh * dh), proj_w, layer["proj_b"])
             keep = None
-            if self.router is not None:  # h += g1 * o in place, and the token router on the new h
-                keep = self.router(h, g1, o, layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
+            router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"]) if cfg.dynamic else ()
+            if self.router == "fused":  # h += g1 * o in place, and the token router on the new h
+                keep = token_router.residual_router(h, g1, o, *router)
             else:
                 h = self.gate_res(h, g1, o)
+                if self.router == "split":
+                    keep = token_router.router_keep(h, *router)
             ng = len(lay.channels[l])
             cmask = None
             if lay.vary_channel[l] and channel_mask is not None:

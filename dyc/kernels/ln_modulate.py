@@ -33,6 +33,10 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    # rows per program / warps, picked per shape at the first call (a 1152-wide row pads to 2048 lanes)
+    configs = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16))]
+
+    @triton.autotune(configs=configs, key=["rows", "C"])
     @triton.jit
     def ln_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, rows, tokens, C, mod_stride, eps,
                            BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
@@ -65,8 +69,9 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
         shift, scale = shift.contiguous(), scale.contiguous()
     out = torch.empty_like(x)
     block_c = triton.next_power_of_2(c)
-    rows_per_program = max(1, min(8, 4096 // block_c))
-    grid = (triton.cdiv(b * n, rows_per_program),)
-    _kernel()[grid](x, shift, scale, out, b * n, n, c, shift.stride(0), eps,
-                    BLOCK_C=block_c, ROWS=rows_per_program, num_warps=8 if block_c >= 2048 else 4)
+
+    def grid(meta):
+        return (triton.cdiv(b * n, meta["ROWS"]),)
+
+    _kernel()[grid](x, shift, scale, out, b * n, n, c, shift.stride(0), eps, BLOCK_C=block_c)
     return out

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-__all__ = ["available", "residual_router"]
+__all__ = ["available", "residual_router", "router_keep"]
 
 
 def _interpret() -> bool:
@@ -46,53 +46,9 @@ def available(device: torch.device | str = "cuda") -> bool:
 
 @functools.cache
 def _kernel(autotune: bool):
-    import triton
-    import triton.language as tl
+    from . import _token_router_triton as k
 
-    # a few tile heights / warp counts, picked per shape at the first call (h is restored after each
-    # trial, as the kernel updates it in place); one program per 64 rows was latency-bound (34 us
-    # for 32 x 256 tokens of DiT-XL on an H200, where reading and writing h is ~12 us)
-    configs = [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
-               for bm, bk, w, st in ((16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3),
-                                     (64, 64, 4, 4), (64, 128, 8, 3))]
-
-    @triton.jit
-    def residual_router_kernel(h_ptr, g_ptr, y_ptr, w0_ptr, b0_ptr, w2_ptr, b2_ptr, keep_ptr,
-                               rows, tokens, g_stride, C: tl.constexpr, R: tl.constexpr,
-                               BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        r = tl.program_id(0) * BM + tl.arange(0, BM)
-        rmask = r < rows
-        img = (r // tokens).to(tl.int64)
-        j = tl.arange(0, BR)
-        jmask = j < R
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, C, BK):
-            k = k0 + tl.arange(0, BK)
-            kmask = k < C
-            m = rmask[:, None] & kmask[None, :]
-            offs = r[:, None].to(tl.int64) * C + k[None, :]
-            h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + img[:, None] * g_stride + k[None, :], mask=m, other=0.0).to(tl.float32)
-            hn = (h + g * y).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + offs, hn, mask=m)
-            w0 = tl.load(w0_ptr + j[:, None] * C + k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-            acc = tl.dot(hn, tl.trans(w0), acc)
-        b0 = tl.load(b0_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        z = tl.maximum((acc + b0[None, :]).to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        w2 = tl.load(w2_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        logit = tl.sum(z * w2[None, :], axis=1) + tl.load(b2_ptr).to(tl.float32)
-        # the unfused gate in h's dtype: logit and sigmoid rounded, then > 0.5 (a logit just above 0
-        # whose sigmoid rounds to 0.5 is dropped there, so it is here)
-        lg = logit.to(h_ptr.dtype.element_ty).to(tl.float32)
-        sg = (1.0 / (1.0 + tl.exp(-lg))).to(h_ptr.dtype.element_ty).to(tl.float32)
-        keep = tl.where(sg > 0.5, 1.0, 0.0)
-        tl.store(keep_ptr + r, keep.to(keep_ptr.dtype.element_ty), mask=rmask)
-
-    if autotune:  # (Triton's interpreter cannot time trials: a fixed tile there)
-        return triton.autotune(configs=configs, key=["rows", "C", "R"], restore_value=["h_ptr"])(
-            residual_router_kernel)
-    return residual_router_kernel
+    return k.kernels(autotune)
 
 
 def residual_router(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
@@ -121,6 +77,33 @@ def residual_router(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, w0: to
         return (triton.cdiv(b * n, meta["BM"]),)
 
     fixed = {} if h.is_cuda else {"BM": 32, "BK": 64}
-    _kernel(h.is_cuda)[grid](h, gate, y, w0, b0, w2, b2, keep, b * n, n, gate.stride(0), C=c, R=r,
+    _kernel(h.is_cuda)[0][grid](h, gate, y, w0, b0, w2, b2, keep, b * n, n, gate.stride(0), C=c, R=r,
                              BR=max(16, triton.next_power_of_2(r)), **fixed)
+    return keep
+
+
+def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+                ) -> torch.Tensor:
+    """The token router alone on h [B, N, C] (fp16/bf16): keep [B, N] (0/1, h's dtype), the same
+    gate as ``residual_router`` (one skinny GEMM with the rest in its epilogue)."""
+    import triton
+
+    b, n, c = h.shape
+    r = w0.shape[0]
+    if h.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"router_keep: fp16/bf16 only, got {h.dtype}")
+    if w0.shape != (r, c) or b0.shape != (r,) or w2.shape != (1, r) or b2.numel() != 1:
+        raise ValueError(f"router_keep: shapes h {tuple(h.shape)}, w0 {tuple(w0.shape)}, b0 {tuple(b0.shape)}, "
+                         f"w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+    if any(t.dtype != h.dtype for t in (w0, b0, w2, b2)):
+        raise TypeError("router_keep: every tensor must have h's dtype")
+    h, w0, b0, w2, b2 = (t.contiguous() for t in (h, w0, b0, w2, b2))
+    keep = torch.empty(b, n, dtype=h.dtype, device=h.device)
+
+    def grid(meta):
+        return (triton.cdiv(b * n, meta["BM"]),)
+
+    fixed = {} if h.is_cuda else {"BM": 32, "BK": 64}
+    _kernel(h.is_cuda)[1][grid](h, w0, b0, w2, b2, keep, b * n, C=c, R=r, BR=max(16, triton.next_power_of_2(r)),
+                                **fixed)
     return keep
