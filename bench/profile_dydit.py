@@ -31,6 +31,7 @@ CATEGORIES = [  # first match wins
     ("attention (SDPA)", r"flash|fmha|attention|softmax"),
     ("GEMM (cuBLAS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas"),
     ("LayerNorm+modulate (Triton)", r"ln_modulate_kernel"),
+    ("token router (Triton)", r"router_keep_kernel"),
     ("fused elementwise (inductor)", r"triton"),
     ("copies", r"copy|Copy|cat|index"),
     ("other elementwise", r"."),

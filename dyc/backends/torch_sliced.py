@@ -70,16 +70,12 @@ def _fast_ln_modulate() -> Callable:
     return k.ln_modulate if k.available() else _fused(ln_modulate)
 
 
-def _fast_router(device: torch.device, dtype: torch.dtype) -> str | None:
-    """How the token router runs: "fused" (gated residual + router, one Triton kernel), "split"
-    (inductor's residual, then the Triton router GEMM with the gate in its epilogue), or None
-    (unfused PyTorch: CPU, fp32, no Triton). DYC_TOKEN_ROUTER=fused|split|torch overrides."""
-    from ..kernels import token_router as k
-
-    if dtype not in (torch.float16, torch.bfloat16) or not k.available(device):
+def _fast_router(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The token router as one Triton kernel (its skinny GEMM with ReLU, the second layer and the
+    gate in the epilogue) where it runs (CUDA, fp16/bf16), else None (unfused PyTorch)."""
+    if dtype not in (torch.float16, torch.bfloat16) or not token_router.available(device):
         return None
-    mode = os.environ.get("DYC_TOKEN_ROUTER", "fused")
-    return None if mode == "torch" else mode
+    return token_router.router_keep
 
 
 def _sdt_mlp_op():
@@ -290,14 +286,7 @@ class SlicedDiT(nn.Module):
                 else:
                     o = o * hm[:, None, :, None].to(dt)
             o = F.linear(o.reshape(b, -1, nh * dh), proj_w, layer["proj_b"])
-            keep = None
-            router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"]) if cfg.dynamic else ()
-            if self.router == "fused":  # h += g1 * o in place, and the token router on the new h
-                keep = token_router.residual_router(h, g1, o, *router)
-            else:
-                h = self.gate_res(h, g1, o)
-                if self.router == "split":
-                    keep = token_router.router_keep(h, *router)
+            h = self.gate_res(h, g1, o)
             ng = len(lay.channels[l])
             cmask = None
             if lay.vary_channel[l] and channel_mask is not None:
@@ -305,9 +294,11 @@ class SlicedDiT(nn.Module):
                 pick = self.group_pick[l]
                 cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
             if cfg.dynamic:
-                if keep is None:
-                    logit = F.linear(F.relu(F.linear(h, layer["tok0_w"], layer["tok0_b"])),
-                                     layer["tok2_w"], layer["tok2_b"]).squeeze(-1)
+                router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
+                if self.router is not None:
+                    keep = self.router(h, *router)
+                else:
+                    logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
                     keep = (torch.sigmoid(logit) > 0.5).to(dt)
                 h = self._mlp(h, sh2, sc2, g2, keep, layer, cmask)
             else:  # a plain DiT: every token, no gather/scatter
