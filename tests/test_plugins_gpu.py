@@ -163,7 +163,7 @@ def test_cuda_graph_capture_follows_device_side_count():
 @pytest.mark.parametrize("mask", ["none", "shared"])
 def test_cuda_graph_across_the_few_rows_thresholds(dtype, mask):
     """One captured call at 32 x 256 tokens; kept counts below, at and above the Hopper GEMMs'
-    few-rows thresholds (GEMM1 6144, GEMM2 2048: two kernels each, one exits) replay correctly."""
+    few-rows threshold (GEMM2 2048: two kernels, one exits; GEMM1 one kernel for every count) replay correctly."""
     ts, _, gs = make_inputs(32, 256, C_XL, 16, GS_XL, dtype, keep_rate=0.5, seed=31, channel_mask=False)
     cm = None
     if mask == "shared":

@@ -400,13 +400,14 @@ cudaError_t gemm2(const Sm90Args& a, int64_t M, int lo, int hi) {
 // Kernels per GEMM (bench/RESULTS.md, bench/sweep_sdt_rows.py). The kept-row count is known on the
 // device only, and no one tile shape suits every count: the persistent cooperative kernels (256-row
 // tiles) reach ~85-95 % of cuBLAS from ~4000 rows up, but below ~2000 rows their few tiles leave
-// most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). So each GEMM launches two
+// most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). GEMM2 therefore launches two
 // persistent kernels and the tile scheduler of one of them schedules nothing: ping-pong with
-// 128-row tiles (GEMM2 also narrower, 128 x 64) over the first `few_rows` rows when at most that
-// many are kept, cooperative with 256-row tiles otherwise. Thresholds from an H200 sweep: GEMM1's
-// ping-pong kernel is as fast or faster up to 6144 rows (the largest count measured), GEMM2's up
-// to ~2048. (One-CTA-per-tile kernels for the
-// small side lost ~10 us to launching the CTAs that exit.) DYC_SM90_FEW_ROWS1 / _2 override the
+// 128 x 64 tiles (18 across C) over the first `few_rows` rows when at most that many are kept,
+// cooperative with 256 x 144 tiles otherwise (threshold 2048 from an H200 sweep). GEMM1 runs the
+// ping-pong kernel with 128 x 144 tiles for every count: as fast as or faster than the
+// cooperative one from 32 to 8192 rows but for a few counts, and one launch instead of two (the
+// idle one cost ~3 us; H100: 8.75 vs 8.89 ms per DiT-XL step). (One-CTA-per-tile kernels for the
+// small side lost ~10 us to launching the CTAs that exit.) DYC_SM90_FEW_ROWS1 / _2 set the
 // thresholds (0: cooperative only); DYC_SM90_GEMM1=tma runs GEMM1 one CTA per tile for every
 // count. The per-image-mask GEMM1 (group-batched) is one CTA per tile always.
 inline int env_int(const char* name, int fallback) {
@@ -421,7 +422,7 @@ inline bool gemm1_tma() {
   return v;
 }
 inline int few_rows_gemm1() {
-  static const int v = env_int("DYC_SM90_FEW_ROWS1", 6144);
+  static const int v = env_int("DYC_SM90_FEW_ROWS1", INT_MAX);
   return v;
 }
 inline int few_rows_gemm2() {
