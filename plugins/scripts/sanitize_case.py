@@ -29,6 +29,21 @@ def main() -> None:
                                   group_size=gs, force_generic=generic)
                     torch.cuda.synchronize()
                     assert torch.isfinite(y).all()
+    # DiT-XL size, Hopper path: kept counts on both sides of GEMM2's few-rows threshold (2048 rows)
+    b, n, c, groups, gs = 32, 256, 1152, 16, 288
+    for rate in (0.05, 0.5):
+        dtype = torch.bfloat16
+        x = torch.randn(b, n, c, generator=g, device="cuda").to(dtype)
+        keep = (torch.rand(b, n, generator=g, device="cuda") < rate).to(dtype)
+        hs = groups * gs
+        w1 = (torch.randn(hs, c, generator=g, device="cuda") * c**-0.5).to(dtype)
+        w2 = (torch.randn(c, hs, generator=g, device="cuda") * hs**-0.5).to(dtype)
+        mods = [torch.randn(b, c, generator=g, device="cuda").to(dtype) for _ in range(3)]
+        for cm in (torch.ones(1, groups, device="cuda", dtype=dtype), None):
+            y = K.sdt_mlp(x, *mods, keep, w1, torch.zeros(hs, device="cuda", dtype=dtype), w2,
+                          torch.zeros(c, device="cuda", dtype=dtype), channel_mask=cm, group_size=gs)
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all()
     print("sanitize_case: done")
 
 
