@@ -95,15 +95,20 @@ def test_torch_backend_pipeline_matches_eager_on_a_bundle(tmp_path):
     assert len(groups) > 1  # the engines switched during the run
 
 
-def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
-    """shared_masks (one t per call, the runtime's case) reads row 0's head and channel masks for every row."""
+def _three_t_union():
+    """A tiny DyDiT, the union engine (shared_masks) of t = 100, 400, 700, and each t's masks / slot masks."""
     cfg = tiny_config(depth=3)
     model = random_model(cfg, seed=5, router_scale=3.0)
     ts = torch.tensor([100, 400, 700])
     hm, cm = (m.numpy() > 0.5 for m in model.tdw_masks(ts))
     layout, hslot, cslot = _layout_for(hm, cm)
     assert any(layout.vary_channel) and any(layout.vary_head)
-    shared = SlicedDiT(cfg, model.state_dict(), layout, shared_masks=True)
+    return model, ts, hm, cm, hslot, cslot, SlicedDiT(cfg, model.state_dict(), layout, shared_masks=True)
+
+
+def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
+    """shared_masks (one t per call, the runtime's case) reads row 0's head and channel masks for every row."""
+    model, ts, hm, cm, hslot, cslot, shared = _three_t_union()
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
     for i, t in enumerate(ts.tolist()):
         rows_t = torch.full((3,), t)
@@ -121,13 +126,7 @@ def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
 
 def test_mask_free_call_at_a_full_width_t_matches_eager():
     """A t that switches on the group's whole union runs without mask inputs (Scheduler omit_full_masks)."""
-    cfg = tiny_config(depth=3)
-    model = random_model(cfg, seed=5, router_scale=3.0)
-    ts = torch.tensor([100, 400, 700])
-    hm, cm = (m.numpy() > 0.5 for m in model.tdw_masks(ts))
-    layout, hslot, cslot = _layout_for(hm, cm)
-    assert any(layout.vary_head) and any(layout.vary_channel)
-    sliced = SlicedDiT(cfg, model.state_dict(), layout, shared_masks=True)
+    model, ts, hm, cm, hslot, cslot, sliced = _three_t_union()
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
     # force t = 400 to the union: the eager model gets the union's masks, the engine none
     union_h = torch.from_numpy(hm.any(0)).float().expand(3, -1, -1)
