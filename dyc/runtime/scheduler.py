@@ -77,6 +77,7 @@ class Scheduler:
                 if name in g.inputs and table is None:
                     raise DycError(f"group {g.index} takes {name} but the bundle has no per-t masks")
         self._cache: dict[tuple[int, str], np.ndarray] = {}
+        self._full: dict[tuple[int, str], bool] = {}  # (t, mask name) -> every slot of the union on
         # the same masks as call inputs, [B, L, slots] on the device: built once per (t, batch, ...)
         self._feeds: dict[tuple, torch.Tensor] = {}
 
@@ -103,12 +104,12 @@ class Scheduler:
 
     def full_width(self, t: int, g: GroupSpec, name: str) -> bool:
         """True when t switches on every unit of ``g``'s union in that mask (it computes the whole engine)."""
-        key = (int(t), name, "full")
-        if key not in self._cache:
+        key = (int(t), name)
+        if key not in self._full:
             m = self.masks_of(int(t), g, name)
             units = g.heads if name == "head_mask" else g.channels
-            self._cache[key] = np.array(all(m[l, : len(u)].all() for l, u in enumerate(units)))
-        return bool(self._cache[key])
+            self._full[key] = all(bool(m[l, : len(u)].all()) for l, u in enumerate(units))
+        return self._full[key]
 
     def inputs(self, t: int, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
                omit_full_masks: bool = False) -> tuple[GroupSpec, dict[str, torch.Tensor]]:
