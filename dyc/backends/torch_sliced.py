@@ -203,6 +203,7 @@ class SlicedDiT(nn.Module):
     Inputs follow the group ONNX graphs: ``x``, ``t``, ``y`` and, where the group's members
     differ, ``head_mask`` [B, L, head_slots] / ``channel_mask`` [B, L, channel_slots] whose
     slot s of layer l is the mask of ``layout.heads[l][s]`` (``layout.channels[l][s]``).
+    A mask left out (None) means all ones: the engine then runs without that masking work.
     Weights are views into ``shared`` wherever the layout allows.
     """
 
