@@ -52,6 +52,10 @@ class Row:
     peak_activation_bytes: int | None = None
     engines: int | None = None  # compiled DyDiT: how many group engines (K) serve the schedule
     rel_l2_per_t: dict[int, float] = field(default_factory=dict)  # the check, at each t it looked at
+    # compiled DyDiT: which MLP form each (engine, batch) graph runs, picked by timing both at capture
+    # ("sdt": SdtMlp kernel on the kept tokens; "dense": cuBLAS on every token), and those timings (ms)
+    mlp_forms: dict[str, int] = field(default_factory=dict)
+    mlp_form_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,6 +107,7 @@ class _Runner:
         self.eager_call: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None  # no CUDA graph
         self.groups: list | None = None  # the compiler's groups, for the torch DyDiT row
         self.dtype: str | None = None  # the row's own dtype where it differs from the benchmark's (bundles)
+        self.graphs = None  # the row's GraphRunner, where it has one
 
 
 def _eager_runners(ck, setup: BenchSetup) -> tuple[_Runner, _Runner | None, torch.nn.Module]:
@@ -169,6 +174,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
     row.tdw_masks = lambda t, b: (head[t].expand(b, -1, -1), chan[t].expand(b, -1, -1))  # decided in fp32
     row.eager_call = lambda x, t, y: dyn_call(x, t, y, graphs=False)
     row.groups = groups
+    row.graphs = runner
     return static_row, row
 
 
@@ -359,6 +365,11 @@ def run_bench(
         row = _measure(r, setup, xs, x, y, repeats)
         row.peak_activation_bytes = peak
         row.max_rel_err, row.rel_l2_err, row.rel_l2_per_t, row.dtype = err, l2, l2_t, ref_dtype
+        if r.graphs is not None and r.graphs.timings:
+            for mode in r.graphs.modes.values():
+                row.mlp_forms[mode] = row.mlp_forms.get(mode, 0) + 1
+            row.mlp_form_ms = {f"group{k[0]}/rows{k[1]}": {m: round(v, 4) for m, v in tm.items()}
+                               for k, tm in r.graphs.timings.items()}
         if l2 > _TOL[ref_dtype]:  # measured, but flagged: a figure of a wrong computation is no result
             row.status = f"CHECK FAILED: relative L2 error {l2:.2e} > {_TOL[ref_dtype]:.0e} (max {err:.2e})"
         rows[name] = row
@@ -435,6 +446,8 @@ def format_report(rep: dict) -> str:
             f(r["speedup_vs_static"], "8.2f", "x"), f(r["flops_ideal"], "5.2f", "x"),
             f(r["share_of_ideal"], "6.0%"), f(r["rel_l2_err"], "8.1e"),
         ]) + (f"  ({r['engines']} engines)" if r.get("engines") else "")
+            + (f" [MLP forms: {', '.join(f'{k} {v}' for k, v in sorted(r['mlp_forms'].items()))}]"
+               if r.get("mlp_forms") else "")
             + ("" if r["status"] == "ok" else f"  <- {r['status']}"))
     return "\n".join(lines)
 

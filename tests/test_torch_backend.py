@@ -1,5 +1,7 @@
 """The sliced torch modules (torch backend) against the eager masked model, on CPU."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -24,8 +26,9 @@ def _layout_for(hm: np.ndarray, cm: np.ndarray) -> tuple[GroupLayout, np.ndarray
     return GroupLayout(heads, chans, vary_h, vary_c), hslot, cslot
 
 
+@pytest.mark.parametrize("mlp_mode", ["dense", "sdt"])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_sliced_union_matches_eager_at_every_member_t(dynamic):
+def test_sliced_union_matches_eager_at_every_member_t(dynamic, mlp_mode):
     cfg = tiny_config(depth=3, dynamic=dynamic)
     model = random_model(cfg, seed=5, router_scale=3.0)
     ts = torch.tensor([100, 400, 700])
@@ -38,7 +41,8 @@ def test_sliced_union_matches_eager_at_every_member_t(dynamic):
     y = torch.tensor([1, 2, 10])
     with torch.no_grad():
         want = model(x, ts, y)
-        got = sliced(x, ts, y, head_mask=torch.from_numpy(hslot), channel_mask=torch.from_numpy(cslot))
+        got = sliced(x, ts, y, head_mask=torch.from_numpy(hslot), channel_mask=torch.from_numpy(cslot),
+                     mlp_mode=mlp_mode)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the sliced weights really are narrower: no zero head is materialised
     qkv = sum(layer["qkv_w"].shape[0] for layer in sliced.layers)
@@ -110,7 +114,7 @@ def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
     """shared_masks (one t per call, the runtime's case) reads row 0's head and channel masks for every row."""
     model, ts, hm, cm, hslot, cslot, shared = _three_t_union()
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
-    for i, t in enumerate(ts.tolist()):
+    for (i, t), mode in itertools.product(enumerate(ts.tolist()), ("dense", "sdt")):
         rows_t = torch.full((3,), t)
         hs = torch.from_numpy(np.repeat(hslot[i : i + 1], 3, axis=0))
         cs = torch.from_numpy(np.repeat(cslot[i : i + 1], 3, axis=0))
@@ -119,9 +123,10 @@ def test_shared_masks_use_row_zero_and_match_eager_at_one_t():
         hs_other[1:] = 1 - hs_other[1:]
         with torch.no_grad():
             want = model(x, rows_t, y)
-            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs, channel_mask=cs), want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs_other, channel_mask=cs_other), want,
+            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs, channel_mask=cs, mlp_mode=mode), want,
                                        rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(shared(x, rows_t, y, head_mask=hs_other, channel_mask=cs_other, mlp_mode=mode),
+                                       want, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_free_call_at_a_full_width_t_matches_eager():

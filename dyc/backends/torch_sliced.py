@@ -50,6 +50,28 @@ def gate_residual(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch
     return h + gate.unsqueeze(1) * y
 
 
+def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | None,
+                    shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's deferred gated residual ``h + gate·y (·keep)``, then LN+modulate of the result.
+
+    Returns (new h, normalised); the CUDA kernel (dyc.kernels.ln_modulate) updates h in place.
+    """
+    upd = gate.unsqueeze(1) * y
+    if keep is not None:
+        upd = upd * keep.unsqueeze(-1)
+    h = h + upd
+    return h, ln_modulate(h, shift, scale)
+
+
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(x·wᵀ + b). On CUDA one cuBLASLt GEMM with GELU in its epilogue (tanh form, as DiT's
+    MLP); on the CPU ``_addmm_activation`` applies the erf form, so the CPU takes the two steps."""
+    if x.is_cuda:
+        return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True).view(
+            *x.shape[:-1], w.shape[0])
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
 _FUSED: dict[str, Callable] = {}
 
 
@@ -63,11 +85,14 @@ def _fused(fn: Callable) -> Callable:
     return _FUSED[fn.__name__]
 
 
-def _fast_ln_modulate() -> Callable:
-    """The Triton LN+modulate kernel on CUDA (one read, one write per row), else inductor's fusion."""
+def _fast_ln_modulate() -> tuple[Callable, Callable]:
+    """The Triton LN+modulate kernels on CUDA (one read, one write per row; the second after the
+    deferred residual add), else inductor's fusions."""
     from ..kernels import ln_modulate as k
 
-    return k.ln_modulate if k.available() else _fused(ln_modulate)
+    if k.available():
+        return k.ln_modulate, k.add_ln_modulate
+    return _fused(ln_modulate), _fused(add_ln_modulate)
 
 
 def _fast_router(device: torch.device, dtype: torch.dtype) -> Callable | None:
@@ -243,9 +268,18 @@ class SlicedDiT(nn.Module):
         kernel, _ = _sdt_mlp_op()
         self.kernel = kernel if (use_kernel and dev.type == "cuda") else None
         fuse = dev.type == "cuda" if fuse is None else fuse
-        self.ln_mod = _fast_ln_modulate() if fuse else ln_modulate
+        self.ln_mod, self.add_ln_mod = _fast_ln_modulate() if fuse else (ln_modulate, add_ln_modulate)
         self.gate_res = _fused(gate_residual) if fuse else gate_residual
         self.router = _fast_router(dev, dtype) if (fuse and cfg.dynamic) else None
+        # How a DyDiT block runs its MLP (DESIGN.md's SDT): "sdt" gathers the kept tokens through the
+        # SdtMlp kernel; "dense" runs every token through cuBLAS (GELU in fc1's epilogue) and lets the
+        # token mask scale the residual add. Both compute the official semantics; which is faster
+        # depends on the rows per call (few rows: dense), so GraphRunner times both at capture.
+        self.mlp_mode = "sdt" if self.kernel is not None else "dense"
+
+    def mlp_modes(self) -> tuple[str, ...]:
+        """The MLP forms worth timing for this engine (a plain DiT, or no kernel: only dense)."""
+        return ("sdt", "dense") if (self.cfg.dynamic and self.kernel is not None) else ("dense",)
 
     def weight_tensors(self) -> list[torch.Tensor]:
         return self.shared.tensors()
@@ -256,9 +290,21 @@ class SlicedDiT(nn.Module):
             return self.kernel(*args, channel_mask=cmask, group_size=self.cfg.group_size, out=x)
         return sdt_mlp_torch(*args, cmask, self.cfg.group_size)
 
+    def _keep(self, h: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SDT token mask [B, N] (0/1 in h's dtype) from the residual stream after attention."""
+        router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
+        if self.router is not None:
+            return self.router(h, *router)
+        logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
+        return (torch.sigmoid(logit) > 0.5).to(h.dtype)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                head_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+                head_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None, *,
+                mlp_mode: str | None = None) -> torch.Tensor:
         cfg, lay = self.cfg, self.layout
+        mode = mlp_mode or self.mlp_mode
+        if mode not in ("sdt", "dense"):
+            raise ValueError(f"mlp_mode must be 'sdt' or 'dense', got {mode!r}")
         b = x.shape[0]
         dt = self.patch_w.dtype
         h = (F.conv2d(x.to(dt), self.patch_w, self.patch_b, stride=cfg.patch_size).flatten(2).transpose(1, 2)
@@ -268,11 +314,18 @@ class SlicedDiT(nn.Module):
         # [L, 6, B, C]: every layer's shift/scale/gate is a contiguous [B, C] (the kernels take them as is)
         mods = F.linear(F.silu(c), self.ada_w, self.ada_b).view(b, cfg.depth, 6, cfg.hidden_size)
         mods = mods.permute(1, 2, 0, 3).contiguous()
-        dh = cfg.head_dim
+        dh, gs = cfg.head_dim, cfg.group_size
+        # A dense MLP's residual add (y, gate, keep) is deferred into the LayerNorm that follows it
+        # (the next block's, or the final layer's): one kernel instead of two.
+        pending: tuple | None = None
         for l, layer in enumerate(self.layers):
             sh1, sc1, g1, sh2, sc2, g2 = mods[l].unbind(0)
             nh = len(lay.heads[l])
-            a = self.ln_mod(h, sh1, sc1)
+            if pending is None:
+                a = self.ln_mod(h, sh1, sc1)
+            else:
+                h, a = self.add_ln_mod(h, *pending, sh1, sc1)
+                pending = None
             qkv = F.linear(a, layer["qkv_w"], layer["qkv_b"])  # head-major: [B, N, nh, 3, Dh]
             q, k, v = qkv.view(b, -1, nh, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)
             # SDPA returns [B, nh, N, Dh] as a view of [B, N, nh, Dh] memory: masking after the
@@ -287,30 +340,33 @@ class SlicedDiT(nn.Module):
                 else:
                     o = o * hm[:, None, :, None].to(dt)
             o = F.linear(o.reshape(b, -1, nh * dh), proj_w, layer["proj_b"])
-            h = self.gate_res(h, g1, o)
             ng = len(lay.channels[l])
             cmask = None
             if lay.vary_channel[l] and channel_mask is not None:
                 rows = slice(0, 1) if self.shared_masks else slice(None)
                 pick = self.group_pick[l]
                 cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
-            if cfg.dynamic:
-                router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
-                if self.router is not None:
-                    keep = self.router(h, *router)
+            if cfg.dynamic and mode == "sdt":
+                h = self.gate_res(h, g1, o)
+                h = self._mlp(h, sh2, sc2, g2, self._keep(h, layer), layer, cmask)
+                continue
+            # dense: every token through the (sliced) MLP; SDT's mask scales the deferred residual add
+            h, m = self.add_ln_mod(h, o, g1, None, sh2, sc2)
+            keep = self._keep(h, layer) if cfg.dynamic else None
+            u = linear_gelu(m, layer["fc1_w"], layer["fc1_b"])
+            fc2_w = layer["fc2_w"]
+            if cmask is not None:  # GELU(0) = 0: masking fc2's columns equals masking the groups of u
+                if self.shared_masks:
+                    fc2_w = fc2_w * cmask[0].repeat_interleave(gs)
                 else:
-                    logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
-                    keep = (torch.sigmoid(logit) > 0.5).to(dt)
-                h = self._mlp(h, sh2, sc2, g2, keep, layer, cmask)
-            else:  # a plain DiT: every token, no gather/scatter
-                m = self.ln_mod(h, sh2, sc2)
-                u = F.linear(m, layer["fc1_w"], layer["fc1_b"])
-                if cmask is not None:
                     u = (u.unflatten(-1, (ng, -1)) * cmask[:, None, :, None]).flatten(-2)
-                u = F.linear(F.gelu(u, approximate="tanh"), layer["fc2_w"], layer["fc2_b"])
-                h = self.gate_res(h, g2, u)
+            pending = (F.linear(u, fc2_w, layer["fc2_b"]), g2, keep)
         shift, scale = F.linear(F.silu(c), self.f_ada_w, self.f_ada_b).chunk(2, dim=1)
-        out = F.linear(self.ln_mod(h, shift, scale), self.f_w, self.f_b)
+        if pending is None:
+            a = self.ln_mod(h, shift, scale)
+        else:
+            h, a = self.add_ln_mod(h, *pending, shift, scale)
+        out = F.linear(a, self.f_w, self.f_b)
         p, oc, g = cfg.patch_size, cfg.out_channels, cfg.input_size // cfg.patch_size
         out = out.view(b, g, g, p, p, oc)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, oc, g * p, g * p)
@@ -319,15 +375,46 @@ class SlicedDiT(nn.Module):
 class GraphRunner:
     """Replays one CUDA graph per (group, batch) from a shared memory pool (TensorRT demo's Engine idea).
 
-    The first call of a (group, batch) warms up on a side stream and captures; later calls copy
-    the inputs into the graph's static buffers, replay, and clone the output out of the pool
-    (the next group's replay reuses that memory).
+    The first call of a (group, batch) warms up and captures; where the engine has several MLP
+    forms (``SlicedDiT.mlp_modes``) it captures each, times their replays on that call's inputs and
+    keeps the fastest (``modes`` records the choice; ``$DYC_MLP_MODE`` = sdt|dense forces one).
+    Later calls copy the inputs into the graph's static buffers, replay, and clone the output out
+    of the pool (the next group's replay reuses that memory). Every graph draws on one pool and
+    warms up on one side stream: groups run one after another, and cuBLAS keeps a workspace per
+    stream it has run on (a stream per capture grew memory with the number of engines).
     """
 
     def __init__(self, modules: Sequence[SlicedDiT]):
         self.modules = list(modules)
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.modes: dict[tuple, str] = {}
+        self.timings: dict[tuple, dict[str, float]] = {}  # ms per replay of each form, where several
+
+    def _capture(self, mod: SlicedDiT, static: dict, mode: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for _ in range(2):
+                mod(**static, mlp_mode=mode)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = mod(**static, mlp_mode=mode)
+        return graph, out
+
+    @staticmethod
+    def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 7) -> float:
+        graph.replay()
+        times = []
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[n // 2]
 
     @torch.no_grad()
     def __call__(self, group: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -335,15 +422,24 @@ class GraphRunner:
         if key not in self.graphs:
             static = {k: v.clone() for k, v in inputs.items()}
             mod = self.modules[group]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    mod(**static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = mod(**static)
+            forced = os.environ.get("DYC_MLP_MODE")
+            modes = (forced,) if forced else mod.mlp_modes()
+            if len(modes) == 1:
+                graph, out = self._capture(mod, static, modes[0])
+            else:
+                best = None
+                times = {}
+                for mode in modes:
+                    cand = self._capture(mod, static, mode)
+                    times[mode] = self._replay_ms(cand[0])
+                    if best is None or times[mode] < times[best[0]]:
+                        best = (mode, cand)
+                    del cand
+                self.timings[key] = times
+                graph, out = best[1]
+                modes = (best[0],)
+                del best
+            self.modes[key] = modes[0]
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for k, v in inputs.items():

@@ -2,7 +2,13 @@
 
 ``ln_modulate(x, shift, scale)`` = ``layer_norm(x) * (1 + scale[:, None]) + shift[:, None]``, the
 statistics and the arithmetic in fp32, the result in x's dtype. One program normalises a few whole
-rows held in registers: x is read once and written once. Inductor's fusion of the same expression
+rows held in registers: x is read once and written once.
+
+``add_ln_modulate(h, y, gate, keep, shift, scale)`` first applies a block's gated residual,
+``h += gate[:, None] * y (* keep[..., None])``, in place, then normalises the updated rows: one
+kernel where the unfused form launches two and reads h twice. A DiT block ends with such an add
+and the next block (or the final layer) starts with such a LayerNorm, so the torch backend defers
+every residual add into the LayerNorm that follows it. Inductor's fusion of the same expression
 splits the 1152-wide row into a looped reduction that reads it twice and ran at about a third of
 the H100's memory rate (bench/RESULTS.md). Needs Triton (it comes with CUDA builds of PyTorch);
 ``available()`` says whether it can run here.
@@ -14,7 +20,7 @@ import functools
 
 import torch
 
-__all__ = ["available", "ln_modulate"]
+__all__ = ["add_ln_modulate", "available", "ln_modulate"]
 
 
 @functools.cache
@@ -75,3 +81,78 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
 
     _kernel()[grid](x, shift, scale, out, b * n, n, c, shift.stride(0), eps, BLOCK_C=block_c)
     return out
+
+
+@functools.cache
+def _add_kernel():
+    import triton
+    import triton.language as tl
+
+    configs = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16))]
+
+    # h is updated in place: the autotuner's trial runs must each start from the same h
+    @triton.autotune(configs=configs, key=["rows", "C", "HAS_KEEP"], restore_value=["h_ptr"])
+    @triton.jit
+    def add_ln_modulate_kernel(h_ptr, y_ptr, gate_ptr, keep_ptr, shift_ptr, scale_ptr, out_ptr, rows, tokens, C,
+                               mod_stride, gate_stride, y_stride, eps, HAS_KEEP: tl.constexpr,
+                               BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_C)
+        rmask = r < rows
+        m = rmask[:, None] & (c < C)[None, :]
+        offs = r[:, None].to(tl.int64) * C + c[None, :]
+        img = (r // tokens)[:, None].to(tl.int64)
+        h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + r[:, None].to(tl.int64) * y_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + img * gate_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
+        upd = g * y
+        if HAS_KEEP:
+            upd = upd * tl.load(keep_ptr + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        hn = (h + upd).to(h_ptr.dtype.element_ty)  # the residual stream is stored in its dtype
+        tl.store(h_ptr + offs, hn, mask=m)
+        x = tl.where(m, hn.to(tl.float32), 0.0)
+        mean = tl.sum(x, axis=1) / C
+        d = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        mo = img * mod_stride + c[None, :]
+        sc = tl.load(scale_ptr + mo, mask=m, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + mo, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (d * rstd[:, None] * (1.0 + sc) + sh).to(out_ptr.dtype.element_ty), mask=m)
+
+    return add_ln_modulate_kernel
+
+
+def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | None,
+                    shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h += gate * y (* keep)`` in place, then ``ln_modulate(h, shift, scale)``; returns (h, normalised).
+
+    h [B, N, C] contiguous; y [B, N, C] (rows may be strided, e.g. a GEMM's output view); gate,
+    shift, scale [B, C] (rows may be strided views); keep [B, N] 0/1 or None.
+    """
+    import triton
+
+    b, n, c = h.shape
+    if not h.is_contiguous():
+        raise ValueError("add_ln_modulate: h must be contiguous (it is updated in place)")
+    if y.shape != h.shape or y.stride(2) != 1 or y.stride(0) != n * y.stride(1):
+        y = y.contiguous()
+    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
+        if t.shape != (b, c):
+            raise ValueError(f"add_ln_modulate: {name} must be {(b, c)}, got {tuple(t.shape)}")
+    if gate.stride(1) != 1:
+        gate = gate.contiguous()
+    if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
+        shift, scale = shift.contiguous(), scale.contiguous()
+    if keep is not None:
+        if keep.shape != (b, n):
+            raise ValueError(f"add_ln_modulate: keep must be {(b, n)}, got {tuple(keep.shape)}")
+        keep = keep.contiguous()
+    out = torch.empty_like(h)
+
+    def grid(meta):
+        return (triton.cdiv(b * n, meta["ROWS"]),)
+
+    _add_kernel()[grid](h, y, gate, keep if keep is not None else h, shift, scale, out, b * n, n, c, shift.stride(0),
+                        gate.stride(0), y.stride(1), eps, HAS_KEEP=keep is not None,
+                        BLOCK_C=triton.next_power_of_2(c))
+    return h, out
