@@ -2,7 +2,8 @@
 # Issue 8 on the GPU machine: the SdtMlp plugin, DiT-XL/2 synth checkpoints, `dyc bench` and a
 # per-kernel profile. Results (JSON, plots, logs) go to $OUT.
 #   RUNS="LAMBDA:IMAGES ..."  LAMBDAS="0.5 0.7"  BACKENDS=eager,eager-dydit,torch,onnxruntime,tensorrt
-#   PROFILE=1 (bench/profile_dydit.py on the first λ, 16 images)
+#   PROFILE=1 (bench/profile_dydit.py on the first λ; PROFILE_BATCHES="1 16" images, default 16;
+#   PROFILE_MODES="sdt dense" MLP forms of the DyDiT engines, default the engine's own)
 #   ENGINES=K (at most K engines for the torch row; default the compiler's, K <= 8)
 #   DYC_PLUGIN_LIB=path/to/libdyc_plugins.so (prebuilt for sm_90a) or CUTLASS headers in .cutlass/include
 #   (the plugin is then built here; plugins/README.md).
@@ -37,7 +38,14 @@ for lam in ${LAMBDAS:-0.5}; do
 done
 if [ "${PROFILE:-0}" = 1 ]; then
   lam=${LAMBDAS:-0.5}; lam=${lam%% *}
-  python3 bench/profile_dydit.py /tmp/xl_$lam.safetensors --batch 16 ${ENGINES:+--groups $ENGINES} --json "$OUT/profile_lam$lam.json" 2>&1 | tee "$OUT/profile_lam$lam.log"
+  for pb in ${PROFILE_BATCHES:-16}; do
+    for pm in ${PROFILE_MODES:-default}; do
+      mode=(); [ "$pm" != default ] && mode=(--mlp-mode "$pm")
+      python3 bench/profile_dydit.py /tmp/xl_$lam.safetensors --batch "$pb" ${ENGINES:+--groups $ENGINES} "${mode[@]}" \
+        --json "$OUT/profile_lam${lam}_b${pb}_$pm.json" 2>&1 | tee "$OUT/profile_lam${lam}_b${pb}_$pm.log" \
+        | grep -E "^#|^## " 
+    done
+  done
 fi
 for spec in ${RUNS:-0.5:16}; do
   lam=${spec%%:*}; b=${spec##*:}

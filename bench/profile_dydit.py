@@ -30,7 +30,7 @@ CATEGORIES = [  # first match wins
     ("sdt: compact/gather/finalize", r"compact_kernel|gather_ln_kernel|finalize_kernel|sdt_"),
     ("attention (SDPA)", r"flash|fmha|attention|softmax"),
     ("GEMM (cuBLAS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas"),
-    ("LayerNorm+modulate (Triton)", r"ln_modulate_kernel"),
+    ("LayerNorm+modulate (Triton; with the deferred residual add)", r"ln_modulate_kernel"),
     ("token router (Triton)", r"router_keep_kernel"),
     ("fused elementwise (inductor)", r"triton"),
     ("copies", r"copy|Copy|cat|index"),
@@ -46,7 +46,7 @@ def categorize(name: str) -> str:
 
 
 def kernel_times(fn, iters: int = 5) -> dict[str, float]:
-    """Mean µs per call of each kernel name."""
+    """Mean µs per call of each kernel name (key "#launches": kernels per call)."""
     cuda = torch.cuda.is_available()
     for _ in range(3):
         fn()
@@ -58,24 +58,29 @@ def kernel_times(fn, iters: int = 5) -> dict[str, float]:
         if cuda:
             torch.cuda.synchronize()
     agg: Counter[str] = Counter()
+    launches = 0
     for e in prof.events():
         if not cuda or e.device_type == torch.autograd.DeviceType.CUDA:
             agg[e.name] += (e.device_time if cuda else e.self_cpu_time_total) / iters
-    return dict(agg)
+            launches += 1
+    return {**agg, "#launches": launches / iters}
 
 
 def summarize(title: str, agg: dict[str, float]) -> dict:
+    agg = dict(agg)
+    launches = agg.pop("#launches", None)
     total = sum(agg.values())
     cats: Counter[str] = Counter()
     for k, v in agg.items():
         cats[categorize(k)] += v
-    print(f"\n## {title}: {total / 1e3:.3f} ms of kernels per call")
+    print(f"\n## {title}: {total / 1e3:.3f} ms of kernels per call"
+          + (f", {launches:.0f} kernels" if launches is not None else ""))
     for c, v in cats.most_common():
         print(f"  {c:<32} {v:9.1f} µs  {100 * v / total:5.1f}%")
     print("  top kernels:")
     for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:12]:
         print(f"    {v:8.1f} µs  {k[:110]}")
-    return {"total_us": total, "categories": dict(cats), "kernels": agg}
+    return {"total_us": total, "launches": launches, "categories": dict(cats), "kernels": agg}
 
 
 def main() -> None:
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--groups", type=int, default=None, help="at most K engines (default: the compiler's)")
+    ap.add_argument("--mlp-mode", choices=("sdt", "dense"), default=None,
+                    help="the DyDiT engines' MLP form (default: sdt where the kernel is built)")
     ap.add_argument("--json")
     a = ap.parse_args()
     ck = load_checkpoint(a.ckpt)
@@ -101,8 +108,11 @@ def main() -> None:
     xs = B.trajectory_inputs(dydit or eager, setup, x, y)  # each t's input as `dyc bench` times it
     del eager, dydit
     static, dyn = B._torch_runners(ck, setup, calib=2, groups=a.groups)
+    if dyn is not None and a.mlp_mode and dyn.graphs is not None:
+        for m in dyn.graphs.modules:
+            m.mlp_mode = a.mlp_mode
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"# {name}  {cfg.name}  {a.dtype}  {2 * a.batch} rows")
+    print(f"# {name}  {cfg.name}  {a.dtype}  {2 * a.batch} rows  MLP form {a.mlp_mode or 'default'}")
     out = {"device": name, "rows": 2 * a.batch}
     with torch.no_grad():
         mid = schedule[len(schedule) // 2]
@@ -111,7 +121,7 @@ def main() -> None:
             # every group at its first timestep, weighted by how many steps it serves
             groups = dyn.groups
             uses = Counter(group_of(groups, t).index for t in schedule)
-            weighted: Counter[str] = Counter()
+            weighted: Counter[str] = Counter()  # "#launches" too: kernels per call, weighted
             out["groups"] = {}
             for gi, n in sorted(uses.items()):
                 t = next(t for t in schedule if group_of(groups, t).index == gi)

@@ -156,6 +156,9 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
     layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in groups]
     shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
     mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
+    for mod, g in zip(mods, groups, strict=True):  # expected keep rates: candidates for the hybrid MLP form
+        ts = [t for t in setup.schedule if g.t_lo <= t <= g.t_hi] or list(range(g.t_lo, g.t_hi + 1))
+        mod.keep_rates = ana.keep[ts].mean(0).tolist()
     runner = GraphRunner(mods) if use_graphs else None
     # the runtime's scheduler builds each call's inputs (t's group, its mask slots), as `dyc run` does
     specs = [GroupSpec(g.index, g.t_lo, g.t_hi, g.heads, g.channels, ("x", "t", "y", "head_mask", "channel_mask"))

@@ -143,3 +143,40 @@ def test_mask_free_call_at_a_full_width_t_matches_eager():
                         channel_mask=torch.from_numpy(cslot[1:2]).expand(3, -1, -1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - masked).abs().max() > 1e-4  # t = 400's own masks are narrower: the call did drop them
+
+
+def test_hybrid_mlp_form_runs_dense_only_above_the_keep_threshold():
+    """'hybrid' runs dense the layers whose expected keep rate reaches HYBRID_KEEP; every form = eager."""
+    model, ts, hm, cm, hslot, cslot, sliced = _three_t_union()
+    sliced.keep_rates = [0.9, 0.2, 0.75]
+    assert sliced._dense_layers("hybrid") == {0, 2} and sliced._dense_layers("sdt") == set()
+    assert sliced._dense_layers("dense") == {0, 1, 2}
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
+    rows_t = torch.full((3,), 400)
+    hs, cs = (torch.from_numpy(m[1:2]).expand(3, -1, -1) for m in (hslot, cslot))
+    with torch.no_grad():
+        want = model(x, rows_t, y)
+        for mode in ("hybrid", "sdt", "dense"):
+            torch.testing.assert_close(sliced(x, rows_t, y, head_mask=hs, channel_mask=cs, mlp_mode=mode), want,
+                                       rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="mlp_mode"):
+            sliced(x, rows_t, y, mlp_mode="sparse")
+
+
+def test_group_keep_rates_follow_the_bundle_calibration(tmp_path):
+    """The torch backend's per-engine keep rates: the calibration's rates averaged over each group's steps."""
+    from runtime_fixtures import compile_tame
+
+    from dyc.backends.torch_sliced import group_keep_rates
+    from dyc.bundle import Bundle
+    from dyc.compiler.analyse import keep_rates_per_t
+
+    bundle = Bundle.load(compile_tame(tmp_path)["bundle"])
+    rates = group_keep_rates(bundle)
+    cal = bundle.manifest["calibration"]
+    per_t = keep_rates_per_t(cal["timesteps"], np.asarray(cal["keep_rates"]))
+    assert len(rates) == len(bundle.groups)
+    for g, r in zip(bundle.groups, rates, strict=True):
+        ts = [t for t in bundle.schedule if g.t_lo <= t <= g.t_hi]
+        np.testing.assert_allclose(r, per_t[ts].mean(0))
+        assert len(r) == bundle.config.depth and all(0.0 <= v <= 1.0 for v in r)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -275,11 +276,26 @@ class SlicedDiT(nn.Module):
         # SdtMlp kernel; "dense" runs every token through cuBLAS (GELU in fc1's epilogue) and lets the
         # token mask scale the residual add. Both compute the official semantics; which is faster
         # depends on the rows per call (few rows: dense), so GraphRunner times both at capture.
+        # "hybrid" runs dense the layers whose expected keep rate (``keep_rates``, from the bundle's
+        # calibration) is at least HYBRID_KEEP, where gathering saves too few rows to pay for itself.
         self.mlp_mode = "sdt" if self.kernel is not None else "dense"
+        self.keep_rates: list[float] | None = None
+
+    HYBRID_KEEP = 0.7
 
     def mlp_modes(self) -> tuple[str, ...]:
         """The MLP forms worth timing for this engine (a plain DiT, or no kernel: only dense)."""
-        return ("sdt", "dense") if (self.cfg.dynamic and self.kernel is not None) else ("dense",)
+        if not (self.cfg.dynamic and self.kernel is not None):
+            return ("dense",)
+        dense = self._dense_layers("hybrid")
+        return ("sdt", "dense", "hybrid") if 0 < len(dense) < self.cfg.depth else ("sdt", "dense")
+
+    def _dense_layers(self, mode: str) -> frozenset[int]:
+        if mode == "dense" or not self.cfg.dynamic:
+            return frozenset(range(self.cfg.depth))
+        if mode == "hybrid" and self.keep_rates is not None:
+            return frozenset(l for l, k in enumerate(self.keep_rates) if k >= self.HYBRID_KEEP)
+        return frozenset()
 
     def weight_tensors(self) -> list[torch.Tensor]:
         return self.shared.tensors()
@@ -303,8 +319,9 @@ class SlicedDiT(nn.Module):
                 mlp_mode: str | None = None) -> torch.Tensor:
         cfg, lay = self.cfg, self.layout
         mode = mlp_mode or self.mlp_mode
-        if mode not in ("sdt", "dense"):
-            raise ValueError(f"mlp_mode must be 'sdt' or 'dense', got {mode!r}")
+        if mode not in ("sdt", "dense", "hybrid"):
+            raise ValueError(f"mlp_mode must be 'sdt', 'dense' or 'hybrid', got {mode!r}")
+        dense_layers = self._dense_layers(mode)
         b = x.shape[0]
         dt = self.patch_w.dtype
         h = (F.conv2d(x.to(dt), self.patch_w, self.patch_b, stride=cfg.patch_size).flatten(2).transpose(1, 2)
@@ -346,7 +363,7 @@ class SlicedDiT(nn.Module):
                 rows = slice(0, 1) if self.shared_masks else slice(None)
                 pick = self.group_pick[l]
                 cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
-            if cfg.dynamic and mode == "sdt":
+            if l not in dense_layers:
                 h = self.gate_res(h, g1, o)
                 h = self._mlp(h, sh2, sc2, g2, self._keep(h, layer), layer, cmask)
                 continue
@@ -370,6 +387,23 @@ class SlicedDiT(nn.Module):
         p, oc, g = cfg.patch_size, cfg.out_channels, cfg.input_size // cfg.patch_size
         out = out.view(b, g, g, p, p, oc)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, oc, g * p, g * p)
+
+
+def group_keep_rates(bundle: Bundle) -> list[list[float]] | None:
+    """Each group's expected SDT keep rate per layer (the calibration's, averaged over the group's
+    steps of the bundle's schedule), or None where the bundle records no calibration."""
+    cal = bundle.manifest.get("calibration") or {}
+    if not bundle.config.dynamic or not cal.get("timesteps") or not cal.get("keep_rates"):
+        return None
+    from ..compiler.analyse import keep_rates_per_t
+
+    per_t = keep_rates_per_t(cal["timesteps"], np.asarray(cal["keep_rates"], dtype=np.float64))
+    schedule = bundle.schedule
+    out = []
+    for g in bundle.groups:
+        ts = [t for t in schedule if g.t_lo <= t <= g.t_hi] or list(range(g.t_lo, g.t_hi + 1))
+        out.append(per_t[ts].mean(0).tolist())
+    return out
 
 
 class GraphRunner:
@@ -477,6 +511,8 @@ class TorchBackend(Backend):
         self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
         self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
                                   shared_masks=True) for lay in layouts]  # one t per call (scheduler)
+        for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
+            mod.keep_rates = rates
         self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None
         self.dtype = dt
 
