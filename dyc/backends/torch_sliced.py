@@ -280,6 +280,7 @@ class SlicedDiT(nn.Module):
         # calibration) is at least HYBRID_KEEP, where gathering saves too few rows to pay for itself.
         self.mlp_mode = "sdt" if self.kernel is not None else "dense"
         self.keep_rates: list[float] | None = None
+        self._side: torch.cuda.Stream | None = None  # the dense form's router stream (CUDA)
 
     HYBRID_KEEP = 0.7
 
@@ -313,6 +314,21 @@ class SlicedDiT(nn.Module):
             return self.router(h, *router)
         logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
         return (torch.sigmoid(logit) > 0.5).to(h.dtype)
+
+    def _keep_beside(self, h: torch.Tensor, layer: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Callable | None]:
+        """The token mask for a dense MLP, which needs it only at the deferred residual add: on CUDA
+        the router runs on a side stream beside fc1/fc2 (few rows leave most of the GPU idle, and
+        CUDA graphs capture the fork), and the returned ``join`` makes the current stream wait for it."""
+        if not h.is_cuda or self.router is None:
+            return self._keep(h, layer), None
+        main = torch.cuda.current_stream(h.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(h.device)
+        keep = torch.empty(h.shape[:2], dtype=h.dtype, device=h.device)  # owned by the main stream
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            self.router(h, layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"], out=keep)
+        return keep, lambda: main.wait_stream(self._side)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 head_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None, *,
@@ -369,7 +385,9 @@ class SlicedDiT(nn.Module):
                 continue
             # dense: every token through the (sliced) MLP; SDT's mask scales the deferred residual add
             h, m = self.add_ln_mod(h, o, g1, None, sh2, sc2)
-            keep = self._keep(h, layer) if cfg.dynamic else None
+            keep, join = None, None
+            if cfg.dynamic:
+                keep, join = self._keep_beside(h, layer)
             u = linear_gelu(m, layer["fc1_w"], layer["fc1_b"])
             fc2_w = layer["fc2_w"]
             if cmask is not None:  # GELU(0) = 0: masking fc2's columns equals masking the groups of u
@@ -377,7 +395,10 @@ class SlicedDiT(nn.Module):
                     fc2_w = fc2_w * cmask[0].repeat_interleave(gs)
                 else:
                     u = (u.unflatten(-1, (ng, -1)) * cmask[:, None, :, None]).flatten(-2)
-            pending = (F.linear(u, fc2_w, layer["fc2_b"]), g2, keep)
+            y2 = F.linear(u, fc2_w, layer["fc2_b"])
+            if join is not None:
+                join()
+            pending = (y2, g2, keep)
         shift, scale = F.linear(F.silu(c), self.f_ada_w, self.f_ada_b).chunk(2, dim=1)
         if pending is None:
             a = self.ln_mod(h, shift, scale)
