@@ -68,7 +68,14 @@ def test_static_save_is_plain_dit_of_same_weights(tmp_path):
     assert not ck.config.dynamic
     with torch.no_grad():
         x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.tensor([2])
-        torch.testing.assert_close(ck.model(x, t, y), dyn(x, t, y, complete_model=True), rtol=0, atol=0)
+        ref = dyn(x, t, y, complete_model=True)
+        # Same forward code on bit-identical weights; only BLAS blocking differs (mmap'd weights are not
+        # 64-byte aligned), so fp32 rounding relative to the output's scale.
+        torch.testing.assert_close(ck.model(x, t, y), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    static_keys = set(ck.model.state_dict())
+    for k, v in ck.model.state_dict().items():
+        assert torch.equal(v, dyn.state_dict()[k]), k
+    assert not any("token_selection" in k or "_rate" in k for k in static_keys)
 
 
 # ---- bad input: one DycError naming the problem -------------------------------------------------
