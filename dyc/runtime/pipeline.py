@@ -14,7 +14,6 @@ samples, so results do not depend on ``batch`` (which only splits the engine cal
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from ..backends import get_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import DycError
+from ..fileio import sha256_file
 from .cfg import cfg_combine, cfg_inputs
 from .samplers import make_sampler
 from .scheduler import GroupSpec, Scheduler
@@ -81,15 +81,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DYC_CACHE") or Path.home() / ".cache" / "dyc")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], None] | None = None):
+def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
+                    num_heads: int | None = None):
     """The bundle of ``checkpoint`` in the cache, compiled (compiler defaults) on first use.
 
     Keyed by the checkpoint's sha256 and the dyc version: a changed file or a new dyc compiles
@@ -100,9 +93,8 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
     from ..compiler.compile import compile_checkpoint
 
     ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise DycError(f"{ckpt}: no such checkpoint")
-    out = cache_dir() / f"{ckpt.stem}-{_sha256(ckpt)[:16]}-dyc{__version__}.dyc"
+    heads = "" if num_heads is None else f"-h{num_heads}"
+    out = cache_dir() / f"{ckpt.stem}-{sha256_file(ckpt)[:16]}{heads}-dyc{__version__}.dyc"
     if (out / "manifest.json").is_file():
         try:
             return Bundle.load(out)
@@ -114,7 +106,7 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
         raise DycError(f"cannot create the cache directory {out.parent} ({e.strerror}); set DYC_CACHE") from None
     if progress:
         progress(f"compiling {ckpt.name} into {out} (first use; cached for next time)")
-    compile_checkpoint(ckpt, out, progress=progress)
+    compile_checkpoint(ckpt, out, progress=progress, num_heads=num_heads)
     return Bundle.load(out)
 
 
@@ -166,14 +158,15 @@ class Pipeline:
     def load(
         cls, bundle_or_checkpoint: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
-        progress: Callable[[str], None] | None = None, **backend_options: Any,
+        progress: Callable[[str], None] | None = None, num_heads: int | None = None, **backend_options: Any,
     ) -> Pipeline:
         """A pipeline over a bundle directory, a checkpoint file, or (None) the embedded default model.
 
         A checkpoint runs as-is on the eager backend; for any other backend it is compiled into the
         cache on first use. ``checkpoint`` gives the eager backend the weights when a bundle does not
         record (or this machine lacks) its source checkpoint. ``device`` None: the backend's default
-        (cpu for eager and onnxruntime, cuda for the GPU backends).
+        (cpu for eager and onnxruntime, cuda for the GPU backends). ``num_heads``: for a checkpoint of a
+        plain DiT of a non-official width (see ``dyc.load_checkpoint``).
         """
         from ..bundle import Bundle
 
@@ -185,14 +178,17 @@ class Pipeline:
             raise DycError(f"{path}: no such bundle or checkpoint")
         if path.is_dir():
             bundle = Bundle.load(path)
+            if num_heads is not None and num_heads != bundle.config.num_heads:
+                raise DycError(f"--num-heads {num_heads} contradicts the bundle {path.name} "
+                               f"({bundle.config.num_heads} heads)")
         elif backend == "eager":
             from ..checkpoint import load_checkpoint
 
-            ck = load_checkpoint(path)
+            ck = load_checkpoint(path, num_heads=num_heads)
             be = backend_cls(None, model=ck.model, **backend_options)
             return cls(be, _checkpoint_scheduler(), ck.config, source=str(path.resolve()))
         else:
-            bundle = compiled_bundle(path, progress=progress)
+            bundle = compiled_bundle(path, progress=progress, num_heads=num_heads)
         if backend == "eager":
             backend_options.setdefault("checkpoint", checkpoint)
         elif checkpoint is not None:
