@@ -179,11 +179,13 @@ class Bundle:
             p = self.path / name
             if not p.exists():
                 raise DycError(f"{self.path}: bundle file {name} is missing")
+            if not p.is_file():
+                raise DycError(f"{self.path}: bundle file {name} is not a regular file")
+            if p.stat().st_size != info["bytes"]:
+                raise DycError(f"{self.path}: bundle file {name} has {p.stat().st_size} bytes, "
+                               f"expected {info['bytes']}")
             if verify_checksums:
                 self._checked_bytes(name, sha256_file, p)
-            elif not p.is_file() or p.stat().st_size != info["bytes"]:
-                size = p.stat().st_size if p.is_file() else "no regular file:"
-                raise DycError(f"{self.path}: bundle file {name} has {size} bytes, expected {info['bytes']}")
 
     def _checked_bytes(self, name: str, digest, source) -> None:
         info = self.manifest["files"][name]

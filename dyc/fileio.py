@@ -59,7 +59,7 @@ def open_regular(path: str | os.PathLike, what: str = "file") -> IO[bytes]:
         # O_NONBLOCK: opening a FIFO with no writer would block forever; it is refused below anyway
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise DycError(f"{path}: no such {what}") from None
+        raise DycError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DycError(f"{path}: is a directory, not a {what}") from None
     except PermissionError:
