@@ -18,7 +18,6 @@ check, so a concurrent recompile or copy over the bundle cannot make it run unch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ def canonical_json(obj) -> bytes:
 def manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest without its own ``manifest_sha256`` field, in canonical JSON."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+    return sha256_bytes(canonical_json(body))
 
 
 file_sha256 = sha256_file  # the project's one sha256 helper (dyc.fileio), under its older name here

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, infer_config
-from .errors import ChecksumMismatch, DycError
+from .errors import ChecksumMismatch, DycError, os_error_reason
 from .fileio import make_output_dir, output_target, read_bytes, sha256_bytes
 from .model import DyDiT
 
@@ -239,7 +239,8 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata=meta)
         os.replace(tmp, target)
     except OSError as e:
-        raise DycError(f"{path}: cannot write the checkpoint ({e.strerror}); nothing was changed there") from None
+        raise DycError(f"{path}: cannot write the checkpoint ({os_error_reason(e)}); nothing was changed there"
+                       ) from None
     except Exception as e:  # safetensors reports IO errors as its own exception type
         if "No space left" in str(e) or "Read-only" in str(e) or "Permission denied" in str(e):
             raise DycError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "

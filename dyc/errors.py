@@ -67,6 +67,11 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+def os_error_reason(e: OSError) -> str:
+    """What an OS error means, in a few words (without the paths)."""
+    return _ENVIRONMENT_ERRNOS.get(e.errno) or e.strerror or type(e).__name__
+
+
 def os_error_message(e: OSError) -> str | None:
     """One line for an OS error that the environment caused; None when it is not one (a bug)."""
     if e.errno not in _ENVIRONMENT_ERRNOS:

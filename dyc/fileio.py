@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import DycError
+from .errors import DycError, os_error_reason
 
 _CHUNK = 1 << 24
 
@@ -157,10 +157,7 @@ def atomic_output(path: str | os.PathLike, what: str = "output file") -> Iterato
 
 
 def _write_error(path: Path, e: OSError, what: str) -> DycError:
-    hint = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or type(e).__name__)
-    return DycError(f"{path}: cannot write the {what} ({hint}); nothing was changed there")
+    return DycError(f"{path}: cannot write the {what} ({os_error_reason(e)}); nothing was changed there")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "output file") -> Path:

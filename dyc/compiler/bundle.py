@@ -38,7 +38,7 @@ import torch
 
 from ..bundle import FORMAT, MANIFEST, SCHEMA_VERSION, TEMP_DIR, manifest_checksum
 from ..config import ModelConfig
-from ..errors import DycError, os_error_message
+from ..errors import DycError, os_error_reason
 from ..fileio import exchange_paths, make_output_dir, rename_noreplace, sha256_file
 from .export import VARIANTS, WEIGHTS_FILE, WeightStore, build_graph, save_model
 from .onnx_flops import count_macs_by_layer
@@ -101,6 +101,11 @@ def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
             raise DycError(f"{out}: the output bundle would replace its own input {inp}; choose another -o")
     if out.is_symlink():
         raise DycError(f"{out}: is a symbolic link; refusing to replace it (give the real path with -o)")
+    for parent in out.parents:  # the first existing ancestor must be a directory to create out in
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise DycError(f"{out}: {parent} is not a directory")
+            break
     if not out.exists():
         return out
     if not out.is_dir():
@@ -237,8 +242,7 @@ def write_bundle(
         _swap_in(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = os_error_message(e) or f"{e.strerror or type(e).__name__}"
-        raise DycError(f"{out}: cannot write the bundle ({why}); "
+        raise DycError(f"{out}: cannot write the bundle ({os_error_reason(e)}); "
                        f"{'the previous bundle there is unchanged' if out.exists() else 'nothing was written'}"
                        ) from None
     except BaseException:
