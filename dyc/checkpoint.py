@@ -180,7 +180,7 @@ def model_from_state_dict(
     try:
         cfg = infer_config(sd, metadata, num_heads=num_heads)
     except DycError as e:
-        raise DycError(f"{path}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None  # a UsageError (--num-heads 0) stays one
     with torch.device("meta"):
         model = DyDiT(cfg)
     check_keys(sd, model, path)

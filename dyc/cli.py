@@ -17,6 +17,7 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     DycError,
+    UsageError,
     missing_dependency,
     os_error_message,
 )
@@ -98,9 +99,9 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
     from .timesteps import sampler_timesteps
 
     if (ckpt is None) == (model_name is None):
-        raise DycError("give either a checkpoint or --model NAME (e.g. --model DiT-XL/2)")
+        raise UsageError("give either a checkpoint or --model NAME (e.g. --model DiT-XL/2)")
     if token_keep is not None and not 0.0 < token_keep <= 1.0:
-        raise DycError(f"--token-keep must be in (0, 1], got {token_keep}")
+        raise UsageError(f"--token-keep must be in (0, 1], got {token_keep}")
     model = None
     if ckpt is not None:
         from .checkpoint import load_checkpoint
@@ -166,7 +167,7 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
     from .synth import synth_metadata, synthesize
 
     if output.suffix != ".safetensors":
-        raise DycError(f"{output}: synth writes .safetensors files")
+        raise UsageError(f"{output}: synth writes .safetensors files")
     cfg = parse_model_name(model_name, int(image_size))
     click.echo(f"building {cfg.name.replace('DiT', 'DyDiT', 1) if not cfg.dynamic else cfg.name} "
                f"(seed {seed}) ...", err=True)
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"dyc: error: {e.format_message()}", err=True)
         return EXIT_INPUT
+    except UsageError as e:  # an option value dyc itself checks (a DycError too)
+        click.echo(f"dyc: error: {_one_line(str(e))}", err=True)
+        return EXIT_USAGE
     except DycError as e:
         click.echo(f"dyc: error: {_one_line(str(e))}", err=True)
         return EXIT_INPUT

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import DycError
+from .errors import DycError, UsageError
 
 # name -> (hidden C, depth L, heads H), DESIGN.md §1
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -153,7 +153,8 @@ def _metadata_config(metadata: Mapping[str, str] | None) -> dict:
 
 def _check_num_heads(num_heads: int, width: int, what: str) -> int:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise DycError(f"{what} must be a positive integer, got {num_heads!r}")
+        raise (UsageError if what.startswith("--") else DycError)(f"{what} must be a positive integer, "
+                                                                  f"got {num_heads!r}")
     if width % num_heads:
         raise DycError(f"{what} {num_heads} does not divide the width {width} of this model")
     return num_heads

@@ -6,7 +6,8 @@ Exit codes of ``dyc``:
 * 1 bad input or environment: a ``DycError``, an OS error that the user's paths or the machine
   caused (no space left, read-only file system, permission denied, no such file, ...), a missing
   optional package (the message names what to install), a ``dyc verify`` above tolerance;
-* 2 usage: bad options or arguments (click's own code);
+* 2 usage: bad options or arguments (click's own checks, and ``UsageError``: values dyc checks, such
+  as ``--steps 0`` or an unknown sampler);
 * 3 internal error: a bug in dyc (``DYC_DEBUG=1`` shows the traceback);
 * 130 interrupted.
 
@@ -28,6 +29,13 @@ class DycError(Exception):
 
     The CLI prints ``dyc: error: <message>`` on stderr and exits 1; it never shows a traceback
     for these.
+    """
+
+
+class UsageError(DycError):
+    """A bad option or argument value that dyc checks itself (a click-level check would be one too).
+
+    The CLI exits 2 for it, like for click's own usage errors; to library callers it is a DycError.
     """
 
 

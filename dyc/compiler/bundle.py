@@ -38,7 +38,7 @@ import torch
 
 from ..bundle import FORMAT, MANIFEST, SCHEMA_VERSION, TEMP_DIR, manifest_checksum
 from ..config import ModelConfig
-from ..errors import DycError, os_error_reason
+from ..errors import DycError, UsageError, os_error_reason
 from ..fileio import exchange_paths, make_output_dir, rename_noreplace, sha256_file
 from .export import VARIANTS, WEIGHTS_FILE, WeightStore, build_graph, save_model
 from .onnx_flops import count_macs_by_layer
@@ -94,7 +94,7 @@ def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
     """Refuse an output path whose replacement could delete anything but a dyc bundle (module doc)."""
     out = Path(out)
     if out.suffix != ".dyc":
-        raise DycError(f"{out}: a bundle's name must end in .dyc")
+        raise UsageError(f"{out}: a bundle's name must end in .dyc")
     for inp in inputs:
         src = Path(inp).resolve()
         if src == out.resolve() or out.resolve() in src.parents:

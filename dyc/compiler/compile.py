@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..errors import DycError
+from ..errors import UsageError
 from ..timesteps import check_sampler, sampler_timesteps
 from .analyse import (
     DEFAULT_CALIB_STEPS,
@@ -50,9 +50,9 @@ def _source_info(ck: Checkpoint) -> dict:
 def check_options(lambda_target: float | None, groups: int | None, sampler: str, steps: int | None,
                   dtype: str, calib: int) -> tuple[float | None, str, list[int]]:
     if groups is not None and groups < 1:
-        raise DycError(f"--groups must be at least 1, got {groups}")
+        raise UsageError(f"--groups must be at least 1, got {groups}")
     if calib < 1:
-        raise DycError(f"--calib must be at least 1, got {calib}")
+        raise UsageError(f"--calib must be at least 1, got {calib}")
     check_dtype(dtype)
     sampler = check_sampler(sampler)
     return check_lambda(lambda_target), sampler, sampler_timesteps(sampler, steps)
@@ -81,7 +81,7 @@ def _compile(
     say = progress or (lambda _m: None)
     lambda_target, sampler, schedule = check_options(lambda_target, groups, sampler, steps, dtype, calib)
     if calib_steps < 1:
-        raise DycError(f"--calib-steps must be at least 1, got {calib_steps}")
+        raise UsageError(f"--calib-steps must be at least 1, got {calib_steps}")
     ckpt = Path(ckpt)
     check_output(out, (ckpt,))  # fail before minutes of work, not at the rename
     ck = load_checkpoint(ckpt, num_heads=num_heads)

@@ -38,7 +38,7 @@ import torch
 
 from ..bundle import Bundle
 from ..checkpoint import load_checkpoint
-from ..errors import ChecksumMismatch, DycError
+from ..errors import ChecksumMismatch, DycError, UsageError
 
 FLOOR = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 2e-2}
 SLACK = 10.0
@@ -130,9 +130,9 @@ def verify_bundle(
     from ..ort_session import bundle_session
 
     if batch < 1:
-        raise DycError(f"--batch must be at least 1, got {batch}")
+        raise UsageError(f"--batch must be at least 1, got {batch}")
     if tolerance is not None and not (np.isfinite(tolerance) and tolerance > 0):
-        raise DycError(f"--tolerance must be a positive number, got {tolerance}")
+        raise UsageError(f"--tolerance must be a positive number, got {tolerance}")
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     if bundle.dtype == "bf16":

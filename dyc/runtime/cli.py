@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..backends import backend_names
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..fileio import atomic_output, atomic_write_text, make_output_dir, output_target, read_bytes
 from ..timesteps import SAMPLERS
 
@@ -27,9 +27,9 @@ def parse_classes(text: str) -> list[int]:
         try:
             out.append(int(part))
         except ValueError:
-            raise DycError(f"--classes: {part!r} is not a class id (give integers, e.g. 207,360)") from None
+            raise UsageError(f"--classes: {part!r} is not a class id (give integers, e.g. 207,360)") from None
     if not out:
-        raise DycError("--classes is empty: give class ids, e.g. 207,360")
+        raise UsageError("--classes is empty: give class ids, e.g. 207,360")
     return out
 
 
@@ -54,14 +54,14 @@ def resolve_classes(classes: str | None, num_samples: int | None, noise: np.ndar
     """Class label per sample: --classes cycled to --num-samples; defaults 0, 1, 2, … (at most 8)."""
     given = parse_classes(classes) if classes is not None else None
     if num_samples is not None and num_samples < 1:
-        raise DycError(f"--num-samples must be positive, got {num_samples}")
+        raise UsageError(f"--num-samples must be positive, got {num_samples}")
     m = num_samples
     if m is None:
         m = len(given) if given else (noise.shape[0] if noise is not None and noise.ndim == 4 else min(8, num_classes))
     if given is None:
         return [i % num_classes for i in range(m)]
     if m < len(given):
-        raise DycError(f"--num-samples {m} is fewer than the {len(given)} --classes given")
+        raise UsageError(f"--num-samples {m} is fewer than the {len(given)} --classes given")
     return [given[i % len(given)] for i in range(m)]
 
 
@@ -150,11 +150,11 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     from .pipeline import Pipeline
 
     if steps is not None and steps <= 0:  # checked before any loading or compiling
-        raise DycError(f"--steps must be positive, got {steps}")
+        raise UsageError(f"--steps must be positive, got {steps}")
     if batch is not None and batch <= 0:
-        raise DycError(f"--batch must be positive, got {batch}")
+        raise UsageError(f"--batch must be positive, got {batch}")
     if seed < 0:
-        raise DycError(f"--seed must be non-negative, got {seed}")
+        raise UsageError(f"--seed must be non-negative, got {seed}")
     if classes is not None:
         parse_classes(classes)
     noise_arr = load_noise(noise) if noise is not None else None

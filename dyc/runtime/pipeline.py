@@ -27,7 +27,7 @@ import torch
 from ..backends import get_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..fileio import sha256_file
 from .cfg import cfg_combine, cfg_inputs
 from .samplers import make_sampler
@@ -192,7 +192,7 @@ class Pipeline:
         if backend == "eager":
             backend_options.setdefault("checkpoint", checkpoint)
         elif checkpoint is not None:
-            raise DycError(f"checkpoint= is for the eager backend only (backend {backend!r} runs the bundle)")
+            raise UsageError(f"checkpoint= is for the eager backend only (backend {backend!r} runs the bundle)")
         be = backend_cls(bundle, **backend_options)
         return cls(be, bundle_scheduler(bundle), bundle.config, dtype=bundle.dtype, bundle=bundle,
                    source=str(bundle.path.resolve()))
