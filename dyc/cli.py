@@ -157,7 +157,7 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
 @click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
 @click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Target FLOPs ratio over t=0..999.")
 @click.option("--token-keep", type=float, default=0.8, show_default=True, help="Share of tokens the SDT routers keep.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--static", is_flag=True, help="Write the plain DiT of the same weights (no routers).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None:
@@ -189,7 +189,8 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed passes over the schedule.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed passes over the schedule.")
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="The bundle compiled from CKPT: measures the onnxruntime/tensorrt rows.")
 @click.option("--groups", type=int, default=None,
@@ -200,7 +201,9 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, json_out, plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
+    from .devices import check_device
 
+    check_device(device)
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
                     repeats=repeats, bundle=bundle, groups=groups)

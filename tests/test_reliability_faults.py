@@ -208,6 +208,8 @@ CASES = [
          "not a regular file"),
     Case("weights-truncated", lambda e, t, m: ["verify", _replace_file(_bundle_copy(e, t), "weights.bin",
                                                                        "truncate")], "bytes, expected"),
+    Case("graph-corrupt-but-signed", lambda e, t, m: ["verify", _resigned(_replace_file(
+        _bundle_copy(e, t), "group0.onnx", "truncate"), "group0.onnx")], "ONNX Runtime cannot load it"),
     Case("graph-altered", lambda e, t, m: ["verify", _replace_file(_bundle_copy(e, t), "group0.onnx", "flip")],
          "was altered"),
     Case("verify-checkpoint-fifo", lambda e, t, m: ["verify", e["bundle"], "--checkpoint", _fifo(t)], "FIFO"),
@@ -251,12 +253,29 @@ CASES = [
     Case("usage-argument", lambda e, t, m: ["compile"], "Missing argument", EXIT_USAGE),
     Case("usage-int", lambda e, t, m: ["run", "--steps", "ten"], "'ten' is not a valid integer", EXIT_USAGE),
     Case("usage-command", lambda e, t, m: ["compil"], "No such command", EXIT_USAGE),
+    Case("usage-seed", lambda e, t, m: _run_args(e["bundle"], t, "--seed", str(2**70)), "--seed", EXIT_USAGE),
+    Case("usage-device", lambda e, t, m: _run_args(e["bundle"], t, "--device", "gpu0"), "unknown device 'gpu0'",
+         EXIT_USAGE),
+    Case("usage-repeats", lambda e, t, m: ["bench", e["ck"], "--repeats", "0"], "--repeats", EXIT_USAGE),
+    Case("usage-synth-seed", lambda e, t, m: ["synth", "--seed", "-1", "-o", t / "s.safetensors"], "--seed",
+         EXIT_USAGE),
     # ---- missing optional packages --------------------------------------------------------------
     Case("no-onnx", lambda e, t, m: _without(m, "onnx", ["compile", e["ck"], "-o", t / "o.dyc"]),
          "pip install 'dyc[onnx]'"),
     Case("no-onnxruntime", lambda e, t, m: _without(m, "onnxruntime", ["verify", e["bundle"]]),
          "pip install 'dyc[onnx]'"),
 ]
+
+
+def _resigned(b: Path, name: str) -> Path:
+    """Record a damaged file's new size and sha256 in the manifest, and re-sign it: every check passes."""
+    from dyc.fileio import sha256_file
+
+    m = json.loads((b / MANIFEST).read_text())
+    m["files"][name] = {"bytes": (b / name).stat().st_size, "sha256": sha256_file(b / name)}
+    m["manifest_sha256"] = manifest_checksum(m)
+    (b / MANIFEST).write_text(json.dumps(m))
+    return b
 
 
 def _dir_with(path: Path, name: str) -> Path:

@@ -27,7 +27,7 @@ def _progress(msg: str) -> None:
               help="calibration samples for SDT keep rates (each also run with the null class)")
 @click.option("--calib-steps", type=int, default=10, show_default=True,
               help="timesteps of the calibration trajectory (picked from the schedule)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("-o", "--output", "output", default=None, help="bundle directory NAME.dyc (default: checkpoint name)")
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: the bundle's ONNX graphs (ONNX Runtime, torch); tensorrt: also build one engine per group")
@@ -75,7 +75,7 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
               help="source checkpoint (default: the path recorded in the manifest)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--batch", type=int, default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--tolerance", type=float, default=None,
               help="fixed relative error bound (default: max(1e-5 fp32 / 1e-2 fp16, 10 × the eager model's own "
                    "error in the bundle dtype), against the eager model in float64)")

@@ -129,7 +129,7 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--classes", default=None, help="Class ids, e.g. 207,360 (cycled to --num-samples).")
 @click.option("--num-samples", type=int, default=None, help="Samples to draw (default: one per class).")
 @click.option("--batch", type=int, default=None, help="Samples per engine call (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--noise", type=click.Path(path_type=Path), default=None,
               help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
 @click.option("--backend", default="onnxruntime", show_default=True, help=f"One of {', '.join(backend_names())}.")
@@ -153,8 +153,6 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         raise UsageError(f"--steps must be positive, got {steps}")
     if batch is not None and batch <= 0:
         raise UsageError(f"--batch must be positive, got {batch}")
-    if seed < 0:
-        raise UsageError(f"--seed must be non-negative, got {seed}")
     if classes is not None:
         parse_classes(classes)
     noise_arr = load_noise(noise) if noise is not None else None

@@ -27,6 +27,7 @@ import torch
 from ..backends import get_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
+from ..devices import check_device
 from ..errors import DycError, UsageError
 from ..fileio import sha256_file
 from .cfg import cfg_combine, cfg_inputs
@@ -171,6 +172,7 @@ class Pipeline:
         from ..bundle import Bundle
 
         backend_cls = get_backend(backend)  # fails first, naming the missing package
+        check_device(device)
         if device is not None:
             backend_options["device"] = device
         path = default_checkpoint() if bundle_or_checkpoint is None else Path(bundle_or_checkpoint)
