@@ -262,6 +262,8 @@ CASES = [
     # ---- missing optional packages --------------------------------------------------------------
     Case("no-onnx", lambda e, t, m: _without(m, "onnx", ["compile", e["ck"], "-o", t / "o.dyc"]),
          "pip install 'dyc[onnx]'"),
+    Case("no-matplotlib", lambda e, t, m: _without(m, "matplotlib", ["inspect", e["ck"], "--plot", t / "p.png"]),
+         "pip install 'dyc[plot]'"),
     Case("no-onnxruntime", lambda e, t, m: _without(m, "onnxruntime", ["verify", e["bundle"]]),
          "pip install 'dyc[onnx]'"),
 ]

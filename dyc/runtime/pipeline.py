@@ -95,10 +95,17 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
 
     ckpt = Path(checkpoint)
     heads = "" if num_heads is None else f"-h{num_heads}"
-    out = cache_dir() / f"{ckpt.stem}-{sha256_file(ckpt)[:16]}{heads}-dyc{__version__}.dyc"
+    digest = sha256_file(ckpt)
+    out = cache_dir() / f"{ckpt.stem}-{digest[:16]}{heads}-dyc{__version__}.dyc"
+
+    def of_this_checkpoint(b: Bundle) -> bool:  # the entry holds what its name says
+        return b.manifest["source"]["sha256"] == digest
+
     if (out / "manifest.json").is_file():
         try:
-            return Bundle.load(out)
+            b = Bundle.load(out)
+            if of_this_checkpoint(b):
+                return b
         except DycError:
             pass  # damaged cache entry: compile again (the write is atomic)
     try:
@@ -108,7 +115,10 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
     if progress:
         progress(f"compiling {ckpt.name} into {out} (first use; cached for next time)")
     compile_checkpoint(ckpt, out, progress=progress, num_heads=num_heads)
-    return Bundle.load(out)
+    b = Bundle.load(out)
+    if not of_this_checkpoint(b):
+        raise DycError(f"{ckpt} changed while it was being compiled; run again")
+    return b
 
 
 def default_checkpoint() -> Path:
