@@ -5,17 +5,22 @@ runtime's Python side). Loading refuses, with one clear ``DycError``, anything t
 exactly what ``dyc compile`` wrote: a missing or altered file (size and sha256), an unknown
 schema version, a hand-edited manifest (its self-checksum and its internal consistency).
 
+Consumers that build engines from the bundle's files take their bytes from ``Bundle.read_file``
+(``graph_bytes``, ``weights_bytes``): each file is read once, its size and sha256 are checked on
+those bytes, and the engine is built from those same bytes. Nothing is reopened by path after the
+check, so a concurrent recompile or copy over the bundle cannot make it run unchecked weights.
+
 >>> b = Bundle.load("dydit-xl.dyc")                    # doctest: +SKIP
 >>> g = b.group_for_t(981)
 >>> feeds = {"x": x, "t": t, "y": y, **b.mask_inputs(981, batch=x.shape[0])}
->>> onnxruntime.InferenceSession(b.onnx_path(g, "std")).run(None, feeds)
+>>> dyc.ort_session.bundle_session(b, g).run(None, feeds)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import numpy as np
 from .compiler.plan import NUM_T, Architecture, GroupPlan
 from .config import ModelConfig
 from .errors import DycError
+from .fileio import read_bytes, read_text, sha256_bytes, sha256_file
 
 FORMAT = "dyc-bundle"
 SCHEMA_VERSION = 1
@@ -39,15 +45,10 @@ def canonical_json(obj) -> bytes:
 def manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest without its own ``manifest_sha256`` field, in canonical JSON."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+    return sha256_bytes(canonical_json(body))
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the project's one sha256 helper (dyc.fileio), under its older name here
 
 
 @dataclass
@@ -67,12 +68,13 @@ class Bundle:
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
-            raise DycError(f"{path}: no such bundle directory")
-        if not mpath.is_file():
+            raise DycError(f"{path}: no such bundle directory{_aside_hint(path)}")
+        if not mpath.exists():
             raise DycError(f"{path}: not a dyc bundle (no {MANIFEST}; an interrupted compile leaves none)")
+        text = read_text(mpath, "bundle manifest")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as e:
             raise DycError(f"{mpath}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DycError(f"{mpath}: not a dyc bundle manifest (format is not {FORMAT!r})")
@@ -82,16 +84,26 @@ class Bundle:
                 f"{mpath}: unknown schema version {version!r}: this dyc reads version {SCHEMA_VERSION}; "
                 "recompile the bundle with this dyc"
             )
-        if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        try:
+            checksum = manifest_checksum(manifest)
+        except (TypeError, ValueError) as e:  # e.g. a non-finite number: not canonical JSON
+            raise DycError(f"{mpath}: malformed manifest ({e})") from None
+        if manifest.get("manifest_sha256") != checksum:
             raise DycError(
                 f"{mpath}: the manifest was modified after compile (its checksum does not match its content); "
                 "hand-edited manifests are refused: recompile instead"
             )
         try:
             b = cls._from_manifest(path, manifest)
-        except (KeyError, TypeError, ValueError) as e:
-            raise DycError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
-        b._check_consistency()
+            b._check_consistency()
+            b._check_file_table()
+        except DycError as e:
+            if str(e).startswith(str(mpath)):
+                raise
+            raise DycError(f"{mpath}: malformed manifest ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise DycError(f"{mpath}: malformed manifest ({what})") from None
         b._check_files(verify_checksums)
         return b
 
@@ -143,23 +155,73 @@ class Bundle:
         if expect != NUM_T:
             raise self._fail(f"groups end at t={expect - 1}, not {NUM_T - 1}")
 
-    def _check_files(self, verify_checksums: bool) -> None:
-        table = self.manifest.get("files", {})
-        named = {f for g in self.manifest["groups"] for f in g["files"].values()}
-        if not named <= set(table):
-            raise self._fail(f"group files missing from the file table: {sorted(named - set(table))}")
+    def _check_file_table(self) -> None:
+        """The manifest's file table: plain names inside the bundle, sizes and sha256 of the right types."""
+        table = self.manifest["files"]
+        if not isinstance(table, dict):
+            raise self._fail("files must be an object {name: {bytes, sha256}}")
         for name, info in table.items():
-            p = self.path / name
-            if Path(name).name != name:
+            if Path(name).name != name or name in (".", ".."):
                 raise self._fail(f"file name {name!r} is not a plain name inside the bundle")
-            if not p.is_file():
+            if not isinstance(info, dict) or isinstance(info.get("bytes"), bool) or \
+                    not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+                raise self._fail(f"file {name!r}: needs an integer 'bytes' and a string 'sha256'")
+        named = {f for g in self.manifest["groups"] for f in g["files"].values()}
+        if not all(isinstance(f, str) for f in named) or not named <= set(table):
+            raise self._fail(f"group files missing from the file table: {sorted(map(str, named - set(table)))}")
+        weights = self.weights_file
+        if weights not in table:
+            raise self._fail(f"the weights file {weights!r} is not in the file table")
+
+    def _check_files(self, verify_checksums: bool) -> None:
+        for name, info in self.manifest["files"].items():
+            p = self.path / name
+            if not p.exists():
                 raise DycError(f"{self.path}: bundle file {name} is missing")
+            if not p.is_file():
+                raise DycError(f"{self.path}: bundle file {name} is not a regular file")
             if p.stat().st_size != info["bytes"]:
-                raise DycError(
-                    f"{self.path}: bundle file {name} has {p.stat().st_size} bytes, expected {info['bytes']}"
-                )
-            if verify_checksums and file_sha256(p) != info["sha256"]:
-                raise DycError(f"{self.path}: bundle file {name} was altered (sha256 mismatch)")
+                raise DycError(f"{self.path}: bundle file {name} has {p.stat().st_size} bytes, "
+                               f"expected {info['bytes']}")
+            if verify_checksums:
+                self._checked_bytes(name, sha256_file, p)
+
+    def _checked_bytes(self, name: str, digest, source) -> None:
+        info = self.manifest["files"][name]
+        got = digest(source)
+        if got != info["sha256"]:
+            raise DycError(f"{self.path}: bundle file {name} was altered since the compile (sha256 mismatch; a "
+                           "concurrent recompile or copy over this bundle?): load it again, or recompile")
+
+    # ---- verified bytes --------------------------------------------------------------
+    @property
+    def weights_file(self) -> str:
+        onnx = self.manifest.get("onnx")
+        return (onnx.get("weights_file") if isinstance(onnx, dict) else None) or "weights.bin"
+
+    def read_file(self, name: str) -> bytes:
+        """A file of the bundle, read once and checked (size, sha256) on the bytes returned.
+
+        Build engines and sessions from these bytes, never by reopening the path: that is what
+        makes the check cover what runs.
+        """
+        info = self.manifest["files"].get(name)
+        if info is None:
+            raise DycError(f"{self.path}: {name} is not a file of this bundle")
+        data = read_bytes(self.path / name, "bundle file")
+        if len(data) != info["bytes"]:
+            raise DycError(f"{self.path}: bundle file {name} has {len(data)} bytes, expected {info['bytes']} "
+                           "(changed since the compile: load it again, or recompile)")
+        self._checked_bytes(name, sha256_bytes, data)
+        return data
+
+    def graph_bytes(self, group: GroupPlan | int, variant: str = "std") -> bytes:
+        """The checked ONNX graph of a group (its initializers are external data in ``weights_file``)."""
+        return self.read_file(self.onnx_path(group, variant).name)
+
+    def weights_bytes(self) -> bytes:
+        """The checked ``weights.bin``: every graph's external data, one copy for all groups."""
+        return self.read_file(self.weights_file)
 
     # ---- queries -----------------------------------------------------------------------
     @property
@@ -226,3 +288,21 @@ class Bundle:
 
 
 _GROUP_FIELDS = {f for f in GroupPlan.__dataclass_fields__}
+
+
+# temp dirs of a compile into NAME.dyc (dyc/compiler/bundle.py): the new bundle being written, and
+# (only where no atomic exchange exists) the previous one moved aside for a moment
+TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def aside_copies(out: Path) -> list[Path]:
+    """Previous bundles of ``out`` that an interrupted compile left moved aside (see dyc/compiler/bundle.py)."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir()
+                  if (m := TEMP_DIR.match(p.name)) and m.group("name") == out.name and m.group("kind") == "old")
+
+
+def _aside_hint(path: Path) -> str:
+    found = aside_copies(path)
+    return f" (an interrupted compile moved the previous bundle to {found[-1]}: rename it back)" if found else ""

@@ -2,11 +2,14 @@
 
 Reads ``.safetensors`` and ``.pt``/``.pth`` (``torch.load(weights_only=True)`` only: a pickle
 that needs code to load is refused, never run). Every failure is a ``DycError`` that names
-the file and what is wrong with it.
+the file and what is wrong with it. The file is read once (a regular file only: a FIFO or device
+is refused, not waited on); its sha256 is computed on those bytes and the weights are parsed from
+them, so a checksum check (``expect_sha256``) covers exactly the weights that are used.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -18,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, infer_config
-from .errors import DycError
+from .errors import ChecksumMismatch, DycError, os_error_reason
+from .fileio import make_output_dir, output_target, read_bytes, sha256_bytes
 from .model import DyDiT
 
 _WRAPPER_KEYS = ("ema", "model", "state_dict")  # in order of preference, as DiT's sample.py does
@@ -30,39 +34,55 @@ class Checkpoint:
     model: DyDiT
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    sha256: str | None = None  # of the bytes the weights were read from
+    size: int | None = None  # bytes
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.state_dict().values())
 
 
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _sniff(head: bytes) -> str:
     if head[:2] == b"PK":
         return "pt"  # torch's zip format
     if head[:1] == b"\x80":
         return "pt"  # legacy pickle format
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"  # u64 header length, then the JSON header
     return "unknown"
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The header's ``__metadata__`` (safetensors.torch.load reads the tensors but drops it)."""
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise DycError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file of {len(data)})")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DycError(f"{path}: corrupt safetensors file (header is not JSON: {e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise DycError(f"{path}: bad safetensors metadata: __metadata__ must map strings to strings")
+    return meta
+
+
+def _read_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load
+
+    meta = _safetensors_metadata(data, path)
+    try:
+        sd = load(data)
     except Exception as e:  # SafetensorError is not importable across versions
-        raise DycError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        raise DycError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
     return sd, meta
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise DycError(
@@ -70,7 +90,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 "are allowed; dyc never executes pickled code)"
             ) from None
         raise DycError(f"{path}: corrupt pickle ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DycError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
     if not isinstance(obj, Mapping):
@@ -93,21 +114,41 @@ def _clean(sd: Mapping, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The raw state dict (``module.`` stripped, wrapper unwrapped) and safetensors metadata."""
+@dataclass
+class RawCheckpoint:
+    """A checkpoint file as read: its state dict, safetensors metadata, and the bytes' sha256 and size."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    sha256: str
+    size: int
+
+
+def read_checkpoint_file(path: str | os.PathLike, *, expect_sha256: str | None = None) -> RawCheckpoint:
+    """Read a checkpoint file once: state dict (``module.`` stripped, wrapper unwrapped), metadata, sha256.
+
+    ``expect_sha256``: refuse (``ChecksumMismatch``) unless the bytes read have this sha256.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DycError(f"{path}: no such file")
-    if path.is_dir():
-        raise DycError(f"{path}: is a directory, not a checkpoint file")
-    kind = _sniff(path)
+    data = read_bytes(path, "checkpoint file")
+    digest = sha256_bytes(data)
+    if expect_sha256 is not None and digest != expect_sha256:
+        raise ChecksumMismatch(f"{path}: sha256 {digest[:16]}… is not the expected {expect_sha256[:16]}…",
+                               str(path), expect_sha256, digest)
+    kind = _sniff(data[:9])
     if kind == "unknown":
         raise DycError(f"{path}: not a checkpoint (neither safetensors nor a torch file)")
     if kind == "safetensors":
-        sd, meta = _read_safetensors(path)
+        sd, meta = _read_safetensors(data, path)
     else:
-        sd, meta = _read_pickle(path), {}
-    return _clean(sd, path), meta
+        sd, meta = _read_pickle(data, path), {}
+    return RawCheckpoint(_clean(sd, path), meta, digest, len(data))
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The raw state dict (``module.`` stripped, wrapper unwrapped) and safetensors metadata."""
+    raw = read_checkpoint_file(path)
+    return raw.state_dict, raw.metadata
 
 
 def _names(keys: list[str], limit: int = 6) -> str:
@@ -134,12 +175,12 @@ def check_keys(sd: Mapping[str, torch.Tensor], model: DyDiT, path: Path | str) -
 
 def model_from_state_dict(
     sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, path: str | Path = "<state dict>",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, num_heads: int | None = None,
 ) -> tuple[ModelConfig, DyDiT]:
     try:
-        cfg = infer_config(sd, metadata)
+        cfg = infer_config(sd, metadata, num_heads=num_heads)
     except DycError as e:
-        raise DycError(f"{path}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None  # a UsageError (--num-heads 0) stays one
     with torch.device("meta"):
         model = DyDiT(cfg)
     check_keys(sd, model, path)
@@ -148,15 +189,21 @@ def model_from_state_dict(
     return cfg, model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, num_heads: int | None = None,
+                    expect_sha256: str | None = None) -> Checkpoint:
     """Load a DiT or DyDiT checkpoint in the official layout; the config is inferred from shapes.
+
+    ``num_heads``: the head count of a plain DiT of a non-official width that carries no ``dyc.config``
+    metadata (a DyDiT's routers give it; a contradicting value is an error). ``expect_sha256``: refuse
+    the file unless its bytes have this sha256 (``ChecksumMismatch``).
 
     >>> ck = load_checkpoint("DyDiT-XL-2.safetensors")   # doctest: +SKIP
     >>> out = ck.model(x, t, y)                          # official masked semantics
     """
-    sd, meta = read_state_dict(path)
-    cfg, model = model_from_state_dict(sd, meta, path=path, dtype=dtype)
-    return Checkpoint(config=cfg, model=model, metadata=meta, path=Path(path))
+    raw = read_checkpoint_file(path, expect_sha256=expect_sha256)
+    cfg, model = model_from_state_dict(raw.state_dict, raw.metadata, path=path, dtype=dtype, num_heads=num_heads)
+    return Checkpoint(config=cfg, model=model, metadata=raw.metadata, path=Path(path), sha256=raw.sha256,
+                      size=raw.size)
 
 
 def save_checkpoint(
@@ -185,11 +232,20 @@ def save_checkpoint(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DycError(f"{path}: checkpoints are written as .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    make_output_dir(path.parent)
+    target = output_target(path, "checkpoint")  # never replaces a directory, FIFO or device
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise DycError(f"{path}: cannot write the checkpoint ({os_error_reason(e)}); nothing was changed there"
+                       ) from None
+    except Exception as e:  # safetensors reports IO errors as its own exception type
+        if "No space left" in str(e) or "Read-only" in str(e) or "Permission denied" in str(e):
+            raise DycError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
+                           "nothing was changed there") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -1,4 +1,4 @@
-"""The ``dyc`` command line. Every user-facing failure is one line on stderr and a non-zero exit."""
+"""The ``dyc`` command line. Every failure is one line on stderr and an exit code (see dyc.errors)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ import click
 import numpy as np
 import torch
 
-from .errors import DycError
+from .errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    DycError,
+    UsageError,
+    missing_dependency,
+    os_error_message,
+)
 from .timesteps import NUM_TRAIN_TIMESTEPS, SAMPLERS
+
+NUM_HEADS_HELP = ("Attention heads of a plain DiT of a non-official width without dyc.config metadata "
+                  "(a DyDiT's routers give them).")
 
 
 def _echo_json(obj) -> None:
@@ -32,12 +44,13 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--masks", type=click.Path(path_type=Path), help="Write TDW masks (head, channel [1000, L, H]) to .npz.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw TDW activation (layer × timestep) to a PNG.")
-def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) -> None:
+@click.option("--num-heads", type=int, default=None, help=NUM_HEADS_HELP)
+def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, num_heads: int | None) -> None:
     """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999."""
     from .checkpoint import load_checkpoint
     from .inspection import describe, plot_activation, tdw_activation
 
-    ck = load_checkpoint(ckpt)
+    ck = load_checkpoint(ckpt, num_heads=num_heads)
     info = describe(ck)
     hm = cm = None
     if ck.config.dynamic:
@@ -59,14 +72,12 @@ def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) ->
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    from .fileio import atomic_output
+
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path, "masks file") as f:
+        np.savez_compressed(f, **arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,21 +91,22 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 @click.option("--token-keep", type=float, default=None, help="SDT share of tokens the MLPs run on (0..1].")
 @click.option("--per-t", is_flag=True, help="Also print the dynamic GFLOPs at every t of the schedule.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (key 'gflops': static).")
-def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_json) -> None:
+@click.option("--num-heads", type=int, default=None, help=NUM_HEADS_HELP)
+def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_json, num_heads) -> None:
     """Static GFLOPs (MAC convention) and, for DyDiT, dynamic GFLOPs per t and over a schedule."""
     from .config import parse_model_name
     from .flops import dynamic_flops, flops_ratio, static_breakdown
     from .timesteps import sampler_timesteps
 
     if (ckpt is None) == (model_name is None):
-        raise DycError("give either a checkpoint or --model NAME (e.g. --model DiT-XL/2)")
+        raise UsageError("give either a checkpoint or --model NAME (e.g. --model DiT-XL/2)")
     if token_keep is not None and not 0.0 < token_keep <= 1.0:
-        raise DycError(f"--token-keep must be in (0, 1], got {token_keep}")
+        raise UsageError(f"--token-keep must be in (0, 1], got {token_keep}")
     model = None
     if ckpt is not None:
         from .checkpoint import load_checkpoint
 
-        ck = load_checkpoint(ckpt)
+        ck = load_checkpoint(ckpt, num_heads=num_heads)
         cfg, model = ck.config, ck.model
     else:
         cfg = parse_model_name(model_name, int(image_size))
@@ -145,7 +157,7 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
 @click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
 @click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Target FLOPs ratio over t=0..999.")
 @click.option("--token-keep", type=float, default=0.8, show_default=True, help="Share of tokens the SDT routers keep.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--static", is_flag=True, help="Write the plain DiT of the same weights (no routers).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None:
@@ -155,7 +167,7 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
     from .synth import synth_metadata, synthesize
 
     if output.suffix != ".safetensors":
-        raise DycError(f"{output}: synth writes .safetensors files")
+        raise UsageError(f"{output}: synth writes .safetensors files")
     cfg = parse_model_name(model_name, int(image_size))
     click.echo(f"building {cfg.name.replace('DiT', 'DyDiT', 1) if not cfg.dynamic else cfg.name} "
                f"(seed {seed}) ...", err=True)
@@ -177,7 +189,8 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed passes over the schedule.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed passes over the schedule.")
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="The bundle compiled from CKPT: measures the onnxruntime/tensorrt rows.")
 @click.option("--groups", type=int, default=None,
@@ -188,7 +201,9 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, json_out, plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
+    from .devices import check_device
 
+    check_device(device)
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
                     repeats=repeats, bundle=bundle, groups=groups)
@@ -215,27 +230,60 @@ def _register_subsystem_commands() -> None:
 _register_subsystem_commands()
 
 
+def _usage_line(e: click.UsageError) -> str:
+    cmd = e.ctx.command_path if e.ctx is not None else "dyc"
+    return f"dyc: error: {e.format_message()} (see '{cmd} --help')"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (dyc.errors: 1 input/environment, 2 usage, 3 internal)."""
     try:
-        cli.main(args=argv, prog_name="dyc", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("dyc: aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except DycError as e:
-        click.echo(f"dyc: error: {e}", err=True)
-        return 2
-    except KeyboardInterrupt:
+        rv = cli.main(args=argv, prog_name="dyc", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("dyc: interrupted", err=True)
-        return 130
-    except Exception as e:  # an internal bug: one line, the traceback on request
+        return EXIT_INTERRUPTED
+    except click.exceptions.NoArgsIsHelpError as e:  # `dyc` alone: the help is the answer
+        click.echo(e.ctx.get_help(), err=True)
+        return EXIT_USAGE
+    except click.UsageError as e:
+        click.echo(_usage_line(e), err=True)
+        return EXIT_USAGE
+    except click.ClickException as e:
+        click.echo(f"dyc: error: {e.format_message()}", err=True)
+        return EXIT_INPUT
+    except UsageError as e:  # an option value dyc itself checks (a DycError too)
+        click.echo(f"dyc: error: {_one_line(str(e))}", err=True)
+        return EXIT_USAGE
+    except DycError as e:
+        click.echo(f"dyc: error: {_one_line(str(e))}", err=True)
+        return EXIT_INPUT
+    except Exception as e:  # noqa: BLE001 - classified below: environment (exit 1) or a bug (exit 3)
+        msg = _environment_message(e)
+        if msg is not None:
+            click.echo(f"dyc: error: {msg}", err=True)
+            return EXIT_INPUT
         if os.environ.get("DYC_DEBUG"):
             raise
-        click.echo(f"dyc: internal error: {type(e).__name__}: {e} (set DYC_DEBUG=1 for the traceback)", err=True)
-        return 1
-    return 0
+        click.echo(f"dyc: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                   "(a bug in dyc; set DYC_DEBUG=1 for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return rv if isinstance(rv, int) else 0
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _environment_message(e: Exception) -> str | None:
+    """The one line for a failure the machine or the user's files caused, else None (a bug)."""
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    if isinstance(e, ImportError):
+        missing = missing_dependency(e)
+        return None if missing is None else str(missing)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e):
+        return f"out of memory ({_one_line(str(e))[:200] or 'MemoryError'}): a smaller --batch, or more memory"
+    return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import DycError
+from .errors import DycError, UsageError
 
 # name -> (hidden C, depth L, heads H), DESIGN.md §1
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -84,6 +84,16 @@ class ModelConfig:
         return f"{base}-{size}/{self.patch_size}"
 
     def validate(self) -> ModelConfig:
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+                     "vae_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DycError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or not self.mlp_ratio > 0:
+            raise DycError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        for name in ("learn_sigma", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise DycError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
             raise DycError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.mlp_hidden % self.num_heads:
@@ -124,18 +134,40 @@ def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
-def infer_config(sd: Mapping, metadata: Mapping[str, str] | None = None) -> ModelConfig:
+def _metadata_config(metadata: Mapping[str, str] | None) -> dict:
+    """The ``dyc.config`` metadata entry, checked: a JSON object whose fields have the right types."""
+    if not metadata or "dyc.config" not in metadata:
+        return {}
+    try:
+        meta_cfg = json.loads(metadata["dyc.config"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise DycError(f"checkpoint metadata 'dyc.config' is not valid JSON: {e}") from None
+    if not isinstance(meta_cfg, dict):
+        raise DycError(f"checkpoint metadata 'dyc.config' must be a JSON object, got {type(meta_cfg).__name__}")
+    for key in ("num_heads", "vae_scale"):
+        v = meta_cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise DycError(f"checkpoint metadata 'dyc.config': {key} must be a positive integer, got {v!r}")
+    return meta_cfg
+
+
+def _check_num_heads(num_heads: int, width: int, what: str) -> int:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise (UsageError if what.startswith("--") else DycError)(f"{what} must be a positive integer, "
+                                                                  f"got {num_heads!r}")
+    if width % num_heads:
+        raise DycError(f"{what} {num_heads} does not divide the width {width} of this model")
+    return num_heads
+
+
+def infer_config(sd: Mapping, metadata: Mapping[str, str] | None = None, num_heads: int | None = None) -> ModelConfig:
     """Infer the config from the shapes of an official-layout state dict.
 
-    Heads are read from the routers (H-1 rows) for DyDiT; for a plain DiT they follow from the
-    width (the four official sizes) or from ``dyc.config`` metadata written by this project.
+    Heads are read from the routers (H-1 rows) for DyDiT; for a plain DiT they come from
+    ``num_heads``, else from ``dyc.config`` metadata written by this project, else from the width
+    (the four official sizes). A ``num_heads`` that the routers or the metadata contradict is an error.
     """
-    meta_cfg = {}
-    if metadata and "dyc.config" in metadata:
-        try:
-            meta_cfg = json.loads(metadata["dyc.config"])
-        except json.JSONDecodeError as e:
-            raise DycError(f"checkpoint metadata 'dyc.config' is not valid JSON: {e}") from None
+    meta_cfg = _metadata_config(metadata)
     try:
         c, in_ch, p, p2 = _shape(sd, "x_embedder.proj.weight")
         n = _shape(sd, "pos_embed")[1]
@@ -155,16 +187,26 @@ def infer_config(sd: Mapping, metadata: Mapping[str, str] | None = None) -> Mode
     while f"blocks.{depth}.attn.qkv.weight" in sd:
         depth += 1
     dynamic = "blocks.0.attn_rate.router.weight" in sd
+    if num_heads is not None:
+        _check_num_heads(num_heads, c, "--num-heads")
     if dynamic:
         heads = _shape(sd, "blocks.0.attn_rate.router.weight")[0] + 1
+        if num_heads is not None and num_heads != heads:
+            raise DycError(f"--num-heads {num_heads} contradicts the checkpoint: its routers give {heads} heads")
+    elif num_heads is not None:
+        if "num_heads" in meta_cfg and meta_cfg["num_heads"] != num_heads:
+            raise DycError(f"--num-heads {num_heads} contradicts the checkpoint's dyc.config metadata "
+                           f"({meta_cfg['num_heads']} heads)")
+        heads = num_heads
     elif "num_heads" in meta_cfg:
-        heads = int(meta_cfg["num_heads"])
+        heads = _check_num_heads(meta_cfg["num_heads"], c, "the dyc.config metadata's num_heads")
     elif c in _HEADS_BY_WIDTH:
         heads = _HEADS_BY_WIDTH[c]
     else:
         raise DycError(
             f"cannot infer the head count of a plain DiT of width {c}: it is none of the official sizes "
-            "and the file carries no 'dyc.config' metadata"
+            "and the file carries no 'dyc.config' metadata; give it with --num-heads "
+            "(load_checkpoint(path, num_heads=...))"
         )
     out_ch, rem = divmod(out_rows, p * p)
     if rem or out_ch not in (in_ch, 2 * in_ch):

@@ -101,7 +101,12 @@ def plot_activation(head: np.ndarray, channel: np.ndarray, path: Path, title: st
     axes[1].set_xlabel("timestep t")
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from .fileio import atomic_output, make_output_dir
+
+    make_output_dir(path.parent)
+    try:
+        with atomic_output(path, "plot") as f:  # a failed or killed write leaves no half PNG
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path

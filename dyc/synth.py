@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .errors import DycError
+from .errors import DycError, UsageError
 from .flops import flops_ratio
 from .model import FREQ_DIM, DyDiT
 from .timesteps import NUM_TRAIN_TIMESTEPS
@@ -95,9 +95,9 @@ def synthesize(
     the model computes.
     """
     if not 0.0 < lam <= 1.0:
-        raise DycError(f"--lambda must be in (0, 1], got {lam}")
+        raise UsageError(f"--lambda must be in (0, 1], got {lam}")
     if not 0.0 <= token_keep <= 1.0:
-        raise DycError(f"--token-keep must be in [0, 1], got {token_keep}")
+        raise UsageError(f"--token-keep must be in [0, 1], got {token_keep}")
     cfg = ModelConfig(**{**cfg.to_dict(), "dynamic": True}).validate()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ timesteps and always calls the model with the *original* t.
 
 from __future__ import annotations
 
-from .errors import DycError
+from .errors import UsageError
 
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -21,14 +21,14 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
-            raise DycError(f"cannot take exactly {desired} DDIM steps from {num_timesteps} with an integer stride")
+            raise UsageError(f"cannot take exactly {desired} DDIM steps from {num_timesteps} with an integer stride")
         section_counts = [int(x) for x in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, steps = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise DycError(f"cannot take {count} steps from a section of {size} timesteps")
+            raise UsageError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         cur = 0.0
         for _ in range(count):
@@ -43,7 +43,7 @@ def check_sampler(sampler: str) -> str:
     if s in ("dpmsolver++", "dpm++", "dpmpp"):
         s = "dpm-solver++"
     if s not in SAMPLERS:
-        raise DycError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     return s
 
 
@@ -56,9 +56,9 @@ def sampler_timesteps(sampler: str, steps: int | None = None, num_timesteps: int
     sampler = check_sampler(sampler)
     steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
     if steps <= 0:
-        raise DycError(f"steps must be positive, got {steps}")
+        raise UsageError(f"steps must be positive, got {steps}")
     if steps > num_timesteps:
-        raise DycError(f"steps must be at most {num_timesteps}, got {steps}")
+        raise UsageError(f"steps must be at most {num_timesteps}, got {steps}")
     spec = str(steps)
     if sampler == "ddim" and any(len(range(0, num_timesteps, s)) == steps for s in range(1, num_timesteps)):
         spec = f"ddim{steps}"

@@ -68,8 +68,8 @@ def test_synth_cli(capsys, tmp_path):
     assert json.loads(out)["dynamic"]["tdw_ratio"] > 0.6  # SDT pays the rest of the 0.6
 
 
-def _one_line_error(code, out, err):
-    assert code != 0
+def _one_line_error(code, out, err, expect: int = 1):
+    assert code == expect  # dyc.errors: 1 bad input, 2 usage, 3 internal
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1, err
     assert "Traceback" not in err
@@ -110,8 +110,8 @@ def test_bad_input_is_one_line(capsys, tmp_path, case):
 
 
 def test_usage_errors(capsys, dydit_path):
-    _one_line_error(*run(capsys, "flops"))
-    line = _one_line_error(*run(capsys, "flops", str(dydit_path), "--sampler", "euler"))
+    _one_line_error(*run(capsys, "flops"), expect=2)
+    line = _one_line_error(*run(capsys, "flops", str(dydit_path), "--sampler", "euler"), expect=2)
     assert "unknown sampler" in line
     line = _one_line_error(*run(capsys, "flops", "--model", "DiT-XXL/2"))
     assert "unknown model" in line

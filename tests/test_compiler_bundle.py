@@ -204,7 +204,7 @@ def test_cli_compile_errors(compiled, tmp_path, capsys, args, msg):
     _, ckpt, _ = compiled
     rc = main(["compile", str(ckpt), "-o", str(tmp_path / "e.dyc"), *args])
     err = capsys.readouterr().err
-    assert rc != 0 and msg in err and "Traceback" not in err
+    assert rc == 2 and msg in err and "Traceback" not in err  # bad option values: usage (dyc.errors)
     assert not (tmp_path / "e.dyc").exists()
 
 
@@ -218,5 +218,5 @@ def test_cli_compile_and_verify(compiled, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["ok"] and len(rep["groups"]) <= 2
     _edit_manifest(out, lambda m: m.update(dtype="fp16"), fix_checksum=False)
-    assert main(["verify", str(out)]) != 0
+    assert main(["verify", str(out)]) == 1
     assert "modified after compile" in capsys.readouterr().err

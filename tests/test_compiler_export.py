@@ -164,7 +164,7 @@ def test_fp16_bundle(tmp_path):
     ckpt = save_checkpoint(m, tmp_path / "h.safetensors")
     r = compile_checkpoint(ckpt, tmp_path / "h.dyc", dtype="fp16", groups=2, calib=1, calib_steps=3)
     rep = verify_bundle(r.path)
-    assert rep.tolerance == 1e-2
+    assert rep.tolerance is None and all(g.tolerance >= 1e-2 for g in rep.groups)  # the fp16 floor at least
     assert rep.ok, rep.format()
 
 

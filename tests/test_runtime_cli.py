@@ -130,7 +130,7 @@ def test_run_without_bundle_uses_default_model(compiled, tmp_path, capsys, monke
 def test_run_without_default_model_fails_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "dyc.models", None)  # as if recipes/ had not shipped the model
     rc, _, err = dyc_run(capsys, "-o", tmp_path)
-    assert rc != 0 and err.strip().count("\n") == 0
+    assert rc == 1 and err.strip().count("\n") == 0
     assert "no embedded default model" in err
 
 
@@ -146,41 +146,41 @@ def bad_noise(compiled, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--classes", "1,10"], "class id 10 is out of range: this model has classes 0..9"),
-    (["--classes", "-1"], "class id -1 is out of range"),
-    (["--classes", "1,cat"], "'cat' is not a class id"),
-    (["--steps", "0"], "--steps must be positive, got 0"),
-    (["--steps", "-3"], "--steps must be positive"),
-    (["--noise", "{noise}/shape.npy"], "noise has shape [2, 4, 8, 8], expected [3, 4, 8, 8]"),
-    (["--noise", "{noise}/rank.npy"], "noise has shape [4, 8, 8], expected [3, 4, 8, 8]"),
-    (["--noise", "{noise}/dtype.npy"], "dtype is float64, expected float32"),
-    (["--noise", "{noise}/junk.npy"], "not a .npy array"),
-    (["--noise", "{noise}/absent.npy"], "no such file"),
-    (["--backend", "tensorrtx"], "unknown backend 'tensorrtx'"),
-    (["--batch", "0"], "--batch must be positive"),
-    (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 --classes given"),
-    (["--vae", "{noise}/novae"], "no such directory"),
+@pytest.mark.parametrize("args,message,code", [  # code: 1 bad input, 2 bad option value (dyc.errors)
+    (["--classes", "1,10"], "class id 10 is out of range: this model has classes 0..9", 1),
+    (["--classes", "-1"], "class id -1 is out of range", 1),
+    (["--classes", "1,cat"], "'cat' is not a class id", 2),
+    (["--steps", "0"], "--steps must be positive, got 0", 2),
+    (["--steps", "-3"], "--steps must be positive", 2),
+    (["--noise", "{noise}/shape.npy"], "noise has shape [2, 4, 8, 8], expected [3, 4, 8, 8]", 1),
+    (["--noise", "{noise}/rank.npy"], "noise has shape [4, 8, 8], expected [3, 4, 8, 8]", 1),
+    (["--noise", "{noise}/dtype.npy"], "dtype is float64, expected float32", 1),
+    (["--noise", "{noise}/junk.npy"], "not a .npy array", 1),
+    (["--noise", "{noise}/absent.npy"], "no such file", 1),
+    (["--backend", "tensorrtx"], "unknown backend 'tensorrtx'", 2),
+    (["--batch", "0"], "--batch must be positive", 2),
+    (["--num-samples", "2"], "--num-samples 2 is fewer than the 3 --classes given", 2),
+    (["--vae", "{noise}/novae"], "no such directory", 1),
 ])
-def test_run_bad_input_is_one_line(compiled, bad_noise, capsys, args, message):
+def test_run_bad_input_is_one_line(compiled, bad_noise, capsys, args, message, code):
     args = [a.format(noise=bad_noise) for a in args]
     if "--classes" not in args:
         args += ["--classes", "1,5,9"]
     rc, out, err = dyc_run(capsys, compiled["bundle"], *args, "-o", bad_noise / "out")
-    assert rc != 0
+    assert rc == code
     assert err.startswith("dyc: error: ") and err.strip().count("\n") == 0, err
     assert message in err, err
 
 
 def test_run_missing_bundle(tmp_path, capsys):
     rc, _, err = dyc_run(capsys, tmp_path / "nope.dyc", "-o", tmp_path)
-    assert rc != 0 and err.strip().count("\n") == 0 and "nope.dyc: no such bundle or checkpoint" in err
+    assert rc == 1 and err.strip().count("\n") == 0 and "nope.dyc: no such bundle or checkpoint" in err
 
 
 def test_run_backend_not_installed_names_package(compiled, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     rc, _, err = dyc_run(capsys, compiled["bundle"], "-o", tmp_path)
-    assert rc != 0 and err.strip().count("\n") == 0
+    assert rc == 1 and err.strip().count("\n") == 0
     assert "pip install onnxruntime" in err and "backend 'onnxruntime'" in err
 
 

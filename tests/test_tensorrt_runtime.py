@@ -429,3 +429,25 @@ def test_manifest_roundtrip_is_atomic(tmp_path):
     with pytest.raises(DycError, match="not valid JSON"):
         read_trt_manifest(tmp_path)
     shutil.rmtree(p.parent)
+
+
+@pytest.mark.parametrize("fake_bundle", ["cpu"], indirect=True)
+def test_plans_are_read_once_and_deserialised_as_checked(fake_bundle, monkeypatch):
+    """A rebuild that replaces a plan right after its check cannot slip in: the engine comes from the
+    very bytes whose sha256 was checked (the stand-in resolves engines by the sha256 of what it gets)."""
+    import dyc.tensorrt.runtime as rt
+
+    bundle, m, device = fake_bundle
+    reads = []
+    read = rt.read_bytes
+
+    def read_then_replace(path, what="file"):
+        data = read(path, what)
+        reads.append(Path(path).name)
+        Path(path).write_bytes(b"rebuilt meanwhile")  # a concurrent rebuild, just after the read
+        return data
+
+    monkeypatch.setattr(rt, "read_bytes", read_then_replace)
+    be = TensorRTBackend(bundle, device=device, trt=FakeTrt(m, device))
+    assert sorted(reads) == sorted(Path(e["plan"]).name for e in m["engines"])  # each plan read once
+    assert len(be.engines) == len(bundle.groups)

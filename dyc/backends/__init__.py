@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from .base import Backend
 
 # name -> (module, class, pip package that brings its runtime)
@@ -26,7 +26,7 @@ def backend_names() -> list[str]:
 
 def get_backend(name: str) -> type[Backend]:
     if name not in _REGISTRY:
-        raise DycError(f"unknown backend {name!r}: choose one of {', '.join(_REGISTRY)}")
+        raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(_REGISTRY)}")
     module, cls, package = _REGISTRY[name]
     try:
         mod = importlib.import_module(module)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import DycError
+from ..errors import ChecksumMismatch, DycError
 from ..model import DyDiT
 from .base import Backend
 
@@ -69,6 +69,8 @@ class EagerBackend(Backend):
 
     @staticmethod
     def _load(bundle: Bundle | None, checkpoint: str | os.PathLike | None) -> DyDiT:
+        """The weights: the bundle's source checkpoint (or ``checkpoint``), refused unless it is the very
+        file the bundle was compiled from (the manifest's sha256, checked on the bytes the weights come from)."""
         from ..checkpoint import load_checkpoint
 
         if checkpoint is None:
@@ -78,10 +80,22 @@ class EagerBackend(Backend):
             if checkpoint is None:
                 raise DycError(f"{bundle.path}: the bundle does not record its source checkpoint; "
                                "give the checkpoint explicitly for the eager backend")
-            if not Path(checkpoint).is_file():
+            if not Path(checkpoint).exists():
                 raise DycError(f"{bundle.path}: its source checkpoint {checkpoint} is not here; "
                                "give the checkpoint explicitly for the eager backend")
-        return load_checkpoint(checkpoint).model
+        if bundle is None:
+            return load_checkpoint(checkpoint).model
+        src = bundle.manifest.get("source")
+        want = src.get("sha256") if isinstance(src, dict) else None
+        if not isinstance(want, str):
+            raise DycError(f"{bundle.path}: the manifest records no sha256 of its source checkpoint, so the "
+                           "eager backend cannot tell that the weights are the compiled ones; recompile the bundle")
+        try:
+            return load_checkpoint(checkpoint, num_heads=None if bundle.config.dynamic else bundle.config.num_heads,
+                                   expect_sha256=want).model
+        except ChecksumMismatch:
+            raise DycError(f"{checkpoint} is not the checkpoint {bundle.path.name} was compiled from (its sha256 "
+                           "differs: the file changed since the compile, or it is another checkpoint)") from None
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..flops import flops_ratio
 from ..model import DyDiT
 from .analyse import tdw_masks
@@ -32,7 +32,7 @@ def check_lambda(target: float | None) -> float | None:
     if target is None:
         return None
     if not (0.0 < float(target) <= 1.0) or not np.isfinite(target):
-        raise DycError(f"λ target must be in (0, 1], got {target}")
+        raise UsageError(f"λ target must be in (0, 1], got {target}")
     return float(target)
 
 

@@ -1,10 +1,23 @@
-"""Pass 6, bundle: write ``NAME.dyc/`` (graphs, weights, manifest) atomically.
+"""Pass 6, bundle: write ``NAME.dyc/`` (graphs, weights, manifest) atomically, never losing anything.
 
-Everything is written into a hidden sibling directory ``.NAME.dyc.partial-<pid>-<rand>``; the
-manifest (which the loader requires) is written last, then the directory is renamed into place
-in one ``rename``. A compile killed at any point (kill -9 included) therefore leaves either the
-previous bundle or nothing loadable; leftovers of dead compiles are removed by the next compile
-into the same directory.
+Output policy (``-o NAME.dyc``):
+
+* ``NAME.dyc`` does not exist: the bundle is built in a hidden sibling directory
+  ``.NAME.dyc.partial-<pid>-<rand>`` (the manifest, which the loader requires, written last) and
+  renamed into place in one step.
+* ``NAME.dyc`` is a dyc bundle (a ``manifest.json`` and only the names a bundle holds: graphs,
+  ``weights.bin``, ``engines/``): it is replaced by one atomic exchange of the two directories
+  (Linux ``renameat2(RENAME_EXCHANGE)``), then the old one is deleted. At every instant either the
+  old or the new complete bundle is at ``NAME.dyc``. Where the exchange is not available (other
+  systems, some network file systems) the old bundle is first renamed to ``.NAME.dyc.old-<pid>-<rand>``;
+  if the compile dies right then, the next compile into ``NAME.dyc`` renames it back, and
+  ``Bundle.load`` names it.
+* anything else (a file, a symlink, a directory that is not a bundle or holds other files, e.g.
+  the input checkpoint) is refused with a clear error before any work: nothing that is not a
+  bundle is ever deleted.
+
+Leftovers of dead compiles (``.partial-``/``.old-`` of a process that is gone) are removed by the next
+compile into the same name.
 """
 
 from __future__ import annotations
@@ -23,16 +36,19 @@ import numpy as np
 import onnx
 import torch
 
-from ..bundle import FORMAT, MANIFEST, SCHEMA_VERSION, file_sha256, manifest_checksum
+from ..bundle import FORMAT, MANIFEST, SCHEMA_VERSION, TEMP_DIR, manifest_checksum
 from ..config import ModelConfig
-from ..errors import DycError
+from ..errors import DycError, UsageError, os_error_reason
+from ..fileio import exchange_paths, make_output_dir, rename_noreplace, sha256_file
 from .export import VARIANTS, WEIGHTS_FILE, WeightStore, build_graph, save_model
 from .onnx_flops import count_macs_by_layer
 from .plan import Plan
 from .slice import unit_orders
 
 Progress = Callable[[str], None]
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)-[0-9a-f]+$")
+# what a bundle directory may hold: anything else in it makes it "not a bundle" (never deleted)
+_BUNDLE_ENTRY = re.compile(r"^(manifest\.json|weights\.bin|group\d+(\.trt)?\.onnx|engines)$")
+_ENGINES_ENTRY = re.compile(r"^(group\d+\.plan|trt_manifest\.json|timing\.cache|\..+\.tmp(-\d+)?)$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -46,13 +62,63 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove temp dirs of compiles into ``out`` whose process is gone (a kill -9 leaves them)."""
+    """Tidy up after compiles into ``out`` whose process is gone (a kill -9 leaves their temp dirs).
+
+    A previous bundle that such a compile had moved aside (``.old-``, only where no atomic exchange
+    exists) is renamed back when ``out`` is missing; partial bundles are removed.
+    """
     if not out.parent.is_dir():
         return
-    for p in out.parent.iterdir():
-        m = _PARTIAL.match(p.name)
-        if m and m.group("name") == out.name and p.is_dir() and not _pid_alive(int(m.group("pid"))):
+    for p in sorted(out.parent.iterdir()):
+        m = TEMP_DIR.match(p.name)
+        if not (m and m.group("name") == out.name and p.is_dir() and not _pid_alive(int(m.group("pid")))):
+            continue
+        if m.group("kind") == "old" and not (out.exists() or out.is_symlink()):
+            os.rename(p, out)
+        else:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    found = []
+    for p in sorted(out.iterdir()):
+        if not _BUNDLE_ENTRY.match(p.name) or p.is_symlink() or (p.is_dir() != (p.name == "engines")):
+            found.append(p.name)
+        elif p.name == "engines":
+            found += [f"engines/{q.name}" for q in sorted(p.iterdir()) if not _ENGINES_ENTRY.match(q.name)
+                      or not q.is_file() or q.is_symlink()]
+    return found
+
+
+def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output path whose replacement could delete anything but a dyc bundle (module doc)."""
+    out = Path(out)
+    if out.suffix != ".dyc":
+        raise UsageError(f"{out}: a bundle's name must end in .dyc")
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise DycError(f"{out}: the output bundle would replace its own input {inp}; choose another -o")
+    if out.is_symlink():
+        raise DycError(f"{out}: is a symbolic link; refusing to replace it (give the real path with -o)")
+    for parent in out.parents:  # the first existing ancestor must be a directory to create out in
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise DycError(f"{out}: {parent} is not a directory")
+            break
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise DycError(f"{out}: exists and is not a bundle directory; refusing to replace it")
+    if not (out / MANIFEST).is_file():
+        raise DycError(f"{out}: exists and is not a dyc bundle (no {MANIFEST}); refusing to replace it "
+                       "(move it away, or choose another -o)")
+    foreign = _foreign_entries(out)
+    if foreign:
+        more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+        raise DycError(f"{out}: exists and holds {', '.join(foreign[:3])}{more}, which a dyc bundle does not; "
+                       "refusing to replace it (move those away, or choose another -o)")
+    return out
 
 
 def tool_versions() -> dict[str, str]:
@@ -142,13 +208,13 @@ def write_bundle(
 ) -> tuple[Path, dict]:
     """Export every group (both variants), write weights + manifest, move into place atomically."""
     out = Path(out)
-    if out.suffix != ".dyc":
-        raise DycError(f"{out}: a bundle's name must end in .dyc")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = (source["path"],) if source.get("path") else ()
+    check_output(out, inputs)
+    make_output_dir(out.parent, "bundle's parent directory")
     clean_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         group_macs = []
         orders = unit_orders(plan.groups, cfg.depth)
         with WeightStore(tmp / WEIGHTS_FILE, plan.dtype) as store:
@@ -168,11 +234,17 @@ def write_bundle(
         files = {WEIGHTS_FILE: weights_info}
         for f in sorted(tmp.iterdir()):
             if f.suffix == ".onnx":
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         lam_onnx = _onnx_ratio(cfg, plan, group_macs, keep)
         manifest = build_manifest(plan, cfg, files, group_macs, source, lam_onnx)
         _write_manifest(tmp, manifest)
+        check_output(out, inputs)  # again: the compile took a while, and out may have changed meanwhile
         _swap_in(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DycError(f"{out}: cannot write the bundle ({os_error_reason(e)}); "
+                       f"{'the previous bundle there is unchanged' if out.exists() else 'nothing was written'}"
+                       ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,13 +269,16 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing bundle is moved aside first and deleted after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise DycError(f"{out}: exists and is not a bundle directory; refusing to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(out, old)
+    """Put the complete bundle ``tmp`` at ``out`` so that ``out`` is always a complete bundle (module doc)."""
+    if not (out.exists() or out.is_symlink()):
+        # RENAME_NOREPLACE: a bundle that another compile put there meanwhile is not clobbered
+        if not rename_noreplace(tmp, out):
+            os.rename(tmp, out)  # fails on a non-empty directory: never replaces a bundle silently
+        return
+    if exchange_paths(tmp, out):  # one atomic step: out is the new bundle, tmp now holds the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out, old)  # a kill right here leaves the old bundle at `old`: clean_stale renames it back
     os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
+
+NUM_HEADS_HELP = ("attention heads of a plain DiT of a non-official width without dyc.config metadata "
+                  "(a DyDiT's routers give them)")
 
 
 def _progress(msg: str) -> None:
@@ -13,7 +15,7 @@ def _progress(msg: str) -> None:
 
 
 @click.command("compile")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--lambda", "lambda_", type=float, default=None,
               help="target FLOPs ratio λ in (0, 1] over the schedule; raises router thresholds if needed")
 @click.option("--groups", "groups", type=int, default=None,
@@ -25,7 +27,7 @@ def _progress(msg: str) -> None:
               help="calibration samples for SDT keep rates (each also run with the null class)")
 @click.option("--calib-steps", type=int, default=10, show_default=True,
               help="timesteps of the calibration trajectory (picked from the schedule)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("-o", "--output", "output", default=None, help="bundle directory NAME.dyc (default: checkpoint name)")
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: the bundle's ONNX graphs (ONNX Runtime, torch); tensorrt: also build one engine per group")
@@ -33,9 +35,10 @@ def _progress(msg: str) -> None:
               help="with --backend tensorrt: images per sampler call the engines cover (CFG doubles them)")
 @click.option("--trt-flavor", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto",
               show_default=True, help="with --backend tensorrt: datacenter TensorRT or TensorRT-RTX")
+@click.option("--num-heads", type=int, default=None, help=NUM_HEADS_HELP)
 def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, sampler: str, steps: int | None,
                 dtype: str, calib: int, calib_steps: int, seed: int, output: str | None, backend: str,
-                batch_sizes: str, trt_flavor: str) -> None:
+                batch_sizes: str, trt_flavor: str, num_heads: int | None) -> None:
     """Compile a DiT/DyDiT CHECKPOINT into a bundle of sliced per-group ONNX graphs."""
     from pathlib import Path
 
@@ -44,7 +47,8 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
     out = output or str(Path(checkpoint).with_suffix(".dyc").name)
     # DycError propagates: dyc.cli.main prints it as one line and exits non-zero
     r = compile_checkpoint(checkpoint, out, lambda_target=lambda_, groups=groups, sampler=sampler, steps=steps,
-                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=_progress)
+                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=_progress,
+                           num_heads=num_heads)
     p, m = r.plan, r.manifest
     lam = m["lambda"]
     size = sum(f["bytes"] for f in m["files"].values())
@@ -66,20 +70,22 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
 
 
 @click.command("verify")
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+@click.argument("bundle", type=click.Path())
+@click.option("--checkpoint", default=None, type=click.Path(),
               help="source checkpoint (default: the path recorded in the manifest)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--batch", type=int, default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tolerance", type=float, default=None, help="relative error bound (default: 1e-4 fp32, 1e-2 fp16)")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--tolerance", type=float, default=None,
+              help="fixed relative error bound (default: max(1e-5 fp32 / 1e-2 fp16, 10 × the eager model's own "
+                   "error in the bundle dtype), against the eager model in float64)")
 def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, seed: int,
                tolerance: float | None) -> None:
-    """Run every group's ONNX through ONNX Runtime (CPU) against the eager model; non-zero exit above tolerance."""
+    """Run every group's ONNX through ONNX Runtime (CPU) against the float64 eager model; exit 1 above tolerance."""
     from .verify import verify_bundle
 
     rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
                         progress=None if as_json else _progress)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
-    if not rep.ok:
-        sys.exit(1)
+    if not rep.ok:  # out of tolerance: exit 1, like any other bad input
+        click.get_current_context().exit(1)

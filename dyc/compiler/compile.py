@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -12,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint
-from ..errors import DycError
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..errors import UsageError
 from ..timesteps import check_sampler, sampler_timesteps
 from .analyse import (
     DEFAULT_CALIB_STEPS,
@@ -24,7 +23,7 @@ from .analyse import (
     keep_rates_per_t,
 )
 from .budget import check_lambda, fit_budget
-from .bundle import write_bundle
+from .bundle import check_output, write_bundle
 from .export import check_dtype
 from .group import compiled_ratio, format_table, partition
 from .plan import Architecture, Plan, mask_to_bits
@@ -43,20 +42,17 @@ class CompileResult:
     seconds: float
 
 
-def _source_info(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+def _source_info(ck: Checkpoint) -> dict:
+    """What the bundle records of its checkpoint: the sha256 of the very bytes the weights came from."""
+    return {"path": str(ck.path.resolve()), "bytes": ck.size, "sha256": ck.sha256}
 
 
 def check_options(lambda_target: float | None, groups: int | None, sampler: str, steps: int | None,
                   dtype: str, calib: int) -> tuple[float | None, str, list[int]]:
     if groups is not None and groups < 1:
-        raise DycError(f"--groups must be at least 1, got {groups}")
+        raise UsageError(f"--groups must be at least 1, got {groups}")
     if calib < 1:
-        raise DycError(f"--calib must be at least 1, got {calib}")
+        raise UsageError(f"--calib must be at least 1, got {calib}")
     check_dtype(dtype)
     sampler = check_sampler(sampler)
     return check_lambda(lambda_target), sampler, sampler_timesteps(sampler, steps)
@@ -66,29 +62,29 @@ def compile_checkpoint(
     ckpt: str | os.PathLike, out: str | os.PathLike, *, lambda_target: float | None = None,
     groups: int | None = None, sampler: str = "ddim", steps: int | None = None, dtype: str = "fp32",
     calib: int = 2, calib_steps: int = DEFAULT_CALIB_STEPS, seed: int = 0, progress: Progress | None = None,
+    num_heads: int | None = None,
 ) -> CompileResult:
-    """Compile a DiT/DyDiT checkpoint into ``out`` (a ``NAME.dyc`` directory)."""
+    """Compile a DiT/DyDiT checkpoint into ``out`` (a ``NAME.dyc`` directory; see bundle.py for the policy
+    on an existing ``out``). ``num_heads``: for a plain DiT of a non-official width (see load_checkpoint)."""
     with torch.no_grad():  # scoped: the caller's autograd mode is left as it was
         return _compile(ckpt, out, lambda_target=lambda_target, groups=groups, sampler=sampler, steps=steps,
-                        dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=progress)
+                        dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=progress,
+                        num_heads=num_heads)
 
 
 def _compile(
     ckpt: str | os.PathLike, out: str | os.PathLike, *, lambda_target: float | None, groups: int | None,
     sampler: str, steps: int | None, dtype: str, calib: int, calib_steps: int, seed: int,
-    progress: Progress | None,
+    progress: Progress | None, num_heads: int | None,
 ) -> CompileResult:
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
     lambda_target, sampler, schedule = check_options(lambda_target, groups, sampler, steps, dtype, calib)
     if calib_steps < 1:
-        raise DycError(f"--calib-steps must be at least 1, got {calib_steps}")
-    if Path(out).suffix != ".dyc":
-        raise DycError(f"{out}: a bundle's name must end in .dyc")
-    if Path(out).exists() and not Path(out).is_dir():  # fail before minutes of work, not at the rename
-        raise DycError(f"{out}: exists and is not a bundle directory; refusing to replace it")
+        raise UsageError(f"--calib-steps must be at least 1, got {calib_steps}")
     ckpt = Path(ckpt)
-    ck = load_checkpoint(ckpt)
+    check_output(out, (ckpt,))  # fail before minutes of work, not at the rename
+    ck = load_checkpoint(ckpt, num_heads=num_heads)
     cfg, model = ck.config, ck.model
     say(f"loaded {cfg.name} from {ckpt} ({ck.num_params / 1e6:.1f} M parameters)")
 
@@ -134,5 +130,5 @@ def _compile(
     table = format_table(cfg, gplans, len(schedule))
 
     # 4-6. slice, export, bundle
-    path, manifest = write_bundle(out, plan, cfg, model.state_dict(), keep, _source_info(ckpt), progress=say)
+    path, manifest = write_bundle(out, plan, cfg, model.state_dict(), keep, _source_info(ck), progress=say)
     return CompileResult(path, plan, manifest, table, time.perf_counter() - t0)

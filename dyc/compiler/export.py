@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..config import ModelConfig
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..model import FREQ_DIM
 from .plan import GroupPlan
 from .slice import engine_tensor, is_prefix
@@ -65,7 +65,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
-        raise DycError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return dtype
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..backends import backend_names
-from ..errors import DycError
+from ..errors import DycError, UsageError
+from ..fileio import atomic_output, atomic_write_text, make_output_dir, output_target, read_bytes
 from ..timesteps import SAMPLERS
 
 
@@ -26,17 +27,18 @@ def parse_classes(text: str) -> list[int]:
         try:
             out.append(int(part))
         except ValueError:
-            raise DycError(f"--classes: {part!r} is not a class id (give integers, e.g. 207,360)") from None
+            raise UsageError(f"--classes: {part!r} is not a class id (give integers, e.g. 207,360)") from None
     if not out:
-        raise DycError("--classes is empty: give class ids, e.g. 207,360")
+        raise UsageError("--classes is empty: give class ids, e.g. 207,360")
     return out
 
 
 def load_noise(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise DycError(f"--noise {path}: no such file")
+    import io
+
+    data = read_bytes(path, "--noise .npy file")  # a FIFO or device is refused, not waited on
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DycError(f"--noise {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
                        ) from None
@@ -52,14 +54,14 @@ def resolve_classes(classes: str | None, num_samples: int | None, noise: np.ndar
     """Class label per sample: --classes cycled to --num-samples; defaults 0, 1, 2, … (at most 8)."""
     given = parse_classes(classes) if classes is not None else None
     if num_samples is not None and num_samples < 1:
-        raise DycError(f"--num-samples must be positive, got {num_samples}")
+        raise UsageError(f"--num-samples must be positive, got {num_samples}")
     m = num_samples
     if m is None:
         m = len(given) if given else (noise.shape[0] if noise is not None and noise.ndim == 4 else min(8, num_classes))
     if given is None:
         return [i % num_classes for i in range(m)]
     if m < len(given):
-        raise DycError(f"--num-samples {m} is fewer than the {len(given)} --classes given")
+        raise UsageError(f"--num-samples {m} is fewer than the {len(given)} --classes given")
     return [given[i % len(given)] for i in range(m)]
 
 
@@ -76,6 +78,7 @@ def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a PNG atomically (temp file + rename: a failed or killed write leaves no half image)."""
     from PIL import Image
 
     # uint8 [H, W] -> mode L, [H, W, 3] -> RGB (Pillow infers the mode from the array)
@@ -85,7 +88,13 @@ def save_png(array: np.ndarray, path: Path) -> None:
         img = Image.fromarray(np.ascontiguousarray(array))
     else:
         raise DycError(f"cannot write a PNG of {array.shape[-1]} channels (1 or 3)")
-    img.save(path)
+    with atomic_output(path, "image") as f:
+        img.save(f, format="PNG")
+
+
+def save_npy(array: np.ndarray, path: Path) -> None:
+    with atomic_output(path, "latents file") as f:
+        np.save(f, array)
 
 
 def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.ndarray:
@@ -120,7 +129,7 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--classes", default=None, help="Class ids, e.g. 207,360 (cycled to --num-samples).")
 @click.option("--num-samples", type=int, default=None, help="Samples to draw (default: one per class).")
 @click.option("--batch", type=int, default=None, help="Samples per engine call (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--noise", type=click.Path(path_type=Path), default=None,
               help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
 @click.option("--backend", default="onnxruntime", show_default=True, help=f"One of {', '.join(backend_names())}.")
@@ -133,23 +142,28 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--save-latents", type=click.Path(path_type=Path), default=None,
               help="Also write the final latents here (.npy).")
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
+@click.option("--num-heads", type=int, default=None,
+              help="Attention heads of a plain DiT checkpoint of a non-official width without dyc.config metadata.")
 def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
-            device, checkpoint, vae_dir, save_latents, outdir) -> None:
+            device, checkpoint, vae_dir, save_latents, outdir, num_heads) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
     from .pipeline import Pipeline
 
     if steps is not None and steps <= 0:  # checked before any loading or compiling
-        raise DycError(f"--steps must be positive, got {steps}")
+        raise UsageError(f"--steps must be positive, got {steps}")
     if batch is not None and batch <= 0:
-        raise DycError(f"--batch must be positive, got {batch}")
-    if seed < 0:
-        raise DycError(f"--seed must be non-negative, got {seed}")
+        raise UsageError(f"--batch must be positive, got {batch}")
     if classes is not None:
         parse_classes(classes)
     noise_arr = load_noise(noise) if noise is not None else None
     if vae_dir is not None and not vae_dir.is_dir():
         raise DycError(f"--vae {vae_dir}: no such directory")
-    pipe = Pipeline.load(bundle, backend=backend, device=device, checkpoint=checkpoint,
+    # where the results go: checked before sampling (minutes), and never a file or device replaced
+    if outdir.exists() and not outdir.is_dir():
+        raise DycError(f"-o {outdir}: exists and is not a directory")
+    if save_latents is not None and save_latents.parent.is_dir():
+        output_target(save_latents, "latents file")
+    pipe = Pipeline.load(bundle, backend=backend, device=device, checkpoint=checkpoint, num_heads=num_heads,
                          progress=lambda m: click.echo(m, err=True))
     cfg = pipe.config
     if vae_dir is not None and cfg.vae_scale == 1:
@@ -175,15 +189,17 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
             bar.__exit__(None, None, None)
     wall = time.perf_counter() - t0
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    # every file is written to a temp name and renamed into place: a full disk or a kill never leaves
+    # a truncated image or run.json (and run.json, written last, lists only complete outputs)
+    make_output_dir(outdir)
     written = []
     lat = out.latents.numpy().astype(np.float32)
     if cfg.vae_scale != 1:
-        np.save(outdir / "latents.npy", lat)
+        save_npy(lat, outdir / "latents.npy")
         written.append("latents.npy")
     if save_latents is not None:
-        save_latents.parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_latents, lat)
+        make_output_dir(save_latents.parent)
+        save_npy(lat, save_latents)
     images = out.images
     if images is None and vae_dir is not None:
         images = decode_vae(vae_dir, out.latents, cfg.in_channels)
@@ -202,7 +218,7 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         "trace": [s.to_dict() for s in out.trace], "sampling_ms": round(out.total_ms, 3),
         "total_s": round(wall, 4), "outputs": written,
     }
-    (outdir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(outdir / "run.json", json.dumps(record, indent=1) + "\n", "run record")
     written.append("run.json")
     per_step = out.total_ms / max(1, out.steps)
     click.echo(f"{cfg.name}: {len(labels)} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "

@@ -14,7 +14,6 @@ samples, so results do not depend on ``batch`` (which only splits the engine cal
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,9 @@ import torch
 from ..backends import get_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
-from ..errors import DycError
+from ..devices import check_device
+from ..errors import DycError, UsageError
+from ..fileio import sha256_file
 from .cfg import cfg_combine, cfg_inputs
 from .samplers import make_sampler
 from .scheduler import GroupSpec, Scheduler
@@ -81,15 +82,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DYC_CACHE") or Path.home() / ".cache" / "dyc")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], None] | None = None):
+def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
+                    num_heads: int | None = None):
     """The bundle of ``checkpoint`` in the cache, compiled (compiler defaults) on first use.
 
     Keyed by the checkpoint's sha256 and the dyc version: a changed file or a new dyc compiles
@@ -100,12 +94,18 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
     from ..compiler.compile import compile_checkpoint
 
     ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise DycError(f"{ckpt}: no such checkpoint")
-    out = cache_dir() / f"{ckpt.stem}-{_sha256(ckpt)[:16]}-dyc{__version__}.dyc"
+    heads = "" if num_heads is None else f"-h{num_heads}"
+    digest = sha256_file(ckpt)
+    out = cache_dir() / f"{ckpt.stem}-{digest[:16]}{heads}-dyc{__version__}.dyc"
+
+    def of_this_checkpoint(b: Bundle) -> bool:  # the entry holds what its name says
+        return b.manifest["source"]["sha256"] == digest
+
     if (out / "manifest.json").is_file():
         try:
-            return Bundle.load(out)
+            b = Bundle.load(out)
+            if of_this_checkpoint(b):
+                return b
         except DycError:
             pass  # damaged cache entry: compile again (the write is atomic)
     try:
@@ -114,8 +114,11 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
         raise DycError(f"cannot create the cache directory {out.parent} ({e.strerror}); set DYC_CACHE") from None
     if progress:
         progress(f"compiling {ckpt.name} into {out} (first use; cached for next time)")
-    compile_checkpoint(ckpt, out, progress=progress)
-    return Bundle.load(out)
+    compile_checkpoint(ckpt, out, progress=progress, num_heads=num_heads)
+    b = Bundle.load(out)
+    if not of_this_checkpoint(b):
+        raise DycError(f"{ckpt} changed while it was being compiled; run again")
+    return b
 
 
 def default_checkpoint() -> Path:
@@ -166,18 +169,20 @@ class Pipeline:
     def load(
         cls, bundle_or_checkpoint: str | os.PathLike | None = None, backend: str = "onnxruntime", *,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
-        progress: Callable[[str], None] | None = None, **backend_options: Any,
+        progress: Callable[[str], None] | None = None, num_heads: int | None = None, **backend_options: Any,
     ) -> Pipeline:
         """A pipeline over a bundle directory, a checkpoint file, or (None) the embedded default model.
 
         A checkpoint runs as-is on the eager backend; for any other backend it is compiled into the
         cache on first use. ``checkpoint`` gives the eager backend the weights when a bundle does not
         record (or this machine lacks) its source checkpoint. ``device`` None: the backend's default
-        (cpu for eager and onnxruntime, cuda for the GPU backends).
+        (cpu for eager and onnxruntime, cuda for the GPU backends). ``num_heads``: for a checkpoint of a
+        plain DiT of a non-official width (see ``dyc.load_checkpoint``).
         """
         from ..bundle import Bundle
 
         backend_cls = get_backend(backend)  # fails first, naming the missing package
+        check_device(device)
         if device is not None:
             backend_options["device"] = device
         path = default_checkpoint() if bundle_or_checkpoint is None else Path(bundle_or_checkpoint)
@@ -185,18 +190,21 @@ class Pipeline:
             raise DycError(f"{path}: no such bundle or checkpoint")
         if path.is_dir():
             bundle = Bundle.load(path)
+            if num_heads is not None and num_heads != bundle.config.num_heads:
+                raise DycError(f"--num-heads {num_heads} contradicts the bundle {path.name} "
+                               f"({bundle.config.num_heads} heads)")
         elif backend == "eager":
             from ..checkpoint import load_checkpoint
 
-            ck = load_checkpoint(path)
+            ck = load_checkpoint(path, num_heads=num_heads)
             be = backend_cls(None, model=ck.model, **backend_options)
             return cls(be, _checkpoint_scheduler(), ck.config, source=str(path.resolve()))
         else:
-            bundle = compiled_bundle(path, progress=progress)
+            bundle = compiled_bundle(path, progress=progress, num_heads=num_heads)
         if backend == "eager":
             backend_options.setdefault("checkpoint", checkpoint)
         elif checkpoint is not None:
-            raise DycError(f"checkpoint= is for the eager backend only (backend {backend!r} runs the bundle)")
+            raise UsageError(f"checkpoint= is for the eager backend only (backend {backend!r} runs the bundle)")
         be = backend_cls(bundle, **backend_options)
         return cls(be, bundle_scheduler(bundle), bundle.config, dtype=bundle.dtype, bundle=bundle,
                    source=str(bundle.path.resolve()))

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..timesteps import NUM_TRAIN_TIMESTEPS, check_sampler, sampler_timesteps
 
 
@@ -181,5 +181,5 @@ def make_sampler(name: str, steps: int | None = None, num_timesteps: int = NUM_T
     """A fresh sampler: ``name`` in ddpm / ddim / dpm-solver++, ``steps`` None for its default count."""
     name = check_sampler(name)
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps):
-        raise DycError(f"steps must be a whole number, got {steps!r}")
+        raise UsageError(f"steps must be a whole number, got {steps!r}")
     return _SAMPLERS[name](sampler_timesteps(name, steps, num_timesteps), linear_alphas_cumprod(num_timesteps))

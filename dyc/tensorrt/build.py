@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import DycError
+from ..fileio import sha256_bytes
 from .common import (
     ENGINES_DIR,
     PLUGIN_OP,
@@ -157,7 +158,8 @@ class _Logger:
 
 @dataclass
 class ParsedGroup:
-    """A group's parsed network. The parser owns the weight memory: keep it alive until the build ends."""
+    """A group's parsed network. The parser owns (or points into) the weight memory: keep it alive until
+    the build ends (``weights``: the checked bytes TensorRT reads the initializers from)."""
 
     index: int
     onnx_path: Path
@@ -166,25 +168,52 @@ class ParsedGroup:
     network: Any
     parser: Any
     logger: _Logger = field(repr=False)
+    weights: Any = field(default=None, repr=False)
 
 
 def group_graph(bundle: Any, index: int, sdt_form: str) -> tuple[Path, bytes]:
-    """The ONNX bytes TensorRT parses for a group (and the path its external weights are relative to)."""
+    """The ONNX bytes TensorRT parses for a group (checked against the manifest) and the graph's path."""
     if sdt_form not in (*SDT_FORMS, "none"):
         raise DycError(f"unknown SDT form {sdt_form!r}: choose one of {', '.join(SDT_FORMS)}")
-    path = bundle.onnx_path(index, "trt" if sdt_form == "plugin" else "std")
+    variant = "trt" if sdt_form == "plugin" else "std"
+    path = bundle.onnx_path(index, variant)
+    data = bundle.graph_bytes(index, variant)
     if sdt_form != "dense" or not bundle.dynamic:
-        return path, path.read_bytes()
+        return path, data
     import onnx  # only the dense rewrite needs it (the runtime never does)
 
     from .sdt import densify_sdt
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load_model_from_string(data)
     return path, densify_sdt(model, bundle.config.num_tokens).SerializeToString()
 
 
-def parse_group(trt: ModuleType, bundle: Any, index: int, sdt_form: str, verbose: bool = False) -> ParsedGroup:
-    """Parse a group's graph into a strongly typed TensorRT network (no build)."""
+def _parse(parser: Any, bundle: Any, path: Path, data: bytes, weights: bytes | None) -> tuple[bool, Any]:
+    """Parse from the checked bytes: the graph, and its initializers handed over from ``weights`` in memory.
+
+    A TensorRT without ``load_initializer`` (before 10.x) reads ``weights.bin`` by path itself.
+    """
+    if not (hasattr(parser, "load_model_proto") and hasattr(parser, "load_initializer")):
+        return parser.parse(data, str(path)), None  # the path locates weights.bin next to the graph
+    from ..ort_session import external_arrays
+
+    if weights is None:
+        weights = bundle.weights_bytes()
+    arrays = external_arrays(data, weights, bundle.weights_file)
+    if not parser.load_model_proto(data, str(path)):
+        return False, None
+    for name, a in arrays.items():
+        if a.nbytes and not parser.load_initializer(name, a.ctypes.data, a.nbytes):
+            return False, None
+    return parser.parse_model_proto(), (weights, arrays)
+
+
+def parse_group(trt: ModuleType, bundle: Any, index: int, sdt_form: str, verbose: bool = False,
+                weights: bytes | None = None) -> ParsedGroup:
+    """Parse a group's graph into a strongly typed TensorRT network (no build).
+
+    ``weights``: ``bundle.weights_bytes()`` read once for several groups (else read and checked here).
+    """
     log = _Logger(trt, verbose)
     builder = trt.Builder(log.logger)
     flags = 0
@@ -194,7 +223,7 @@ def parse_group(trt: ModuleType, bundle: Any, index: int, sdt_form: str, verbose
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, log.logger)
     path, data = group_graph(bundle, index, sdt_form)
-    ok = parser.parse(data, str(path))  # the path locates weights.bin (external data) next to the graph
+    ok, keep = _parse(parser, bundle, path, data, weights)
     if not ok:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors
         hint = ""
@@ -203,7 +232,7 @@ def parse_group(trt: ModuleType, bundle: Any, index: int, sdt_form: str, verbose
         elif any(PLUGIN_OP in e for e in errs):
             hint = f" (the {PLUGIN_OP} plugin is not registered: pass --plugin LIB or use --sdt dense)"
         raise DycError(f"{path}: TensorRT's ONNX parser failed{hint}: {errs[0] if errs else 'no message'}")
-    return ParsedGroup(index, path, sdt_form, builder, network, parser, log)
+    return ParsedGroup(index, path, sdt_form, builder, network, parser, log, keep)
 
 
 def _dims(shape: Any) -> list[int]:
@@ -368,10 +397,11 @@ def build_engines(
     tmp_plans: list[tuple[Path, Path]] = []
     entries: list[dict[str, Any]] = []
     t_all = time.perf_counter()
+    weights = bundle.weights_bytes()  # read and checked once; every group's initializers come from it
     try:
         for gi in indices:
             t0 = time.perf_counter()
-            pg = parse_group(trt, bundle, gi, form, verbose)
+            pg = parse_group(trt, bundle, gi, form, verbose, weights=weights)
             desc = describe_network(trt, pg.network)
             config = pg.builder.create_builder_config()
             if bundle.dtype == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
@@ -396,17 +426,17 @@ def build_engines(
                 raise DycError(f"TensorRT ({flavor} {version}) failed to build group {gi}: {msg}")
             final = out_dir / f"group{gi}.plan"
             tmp = out_dir / f".group{gi}.plan.tmp-{os.getpid()}"
+            tmp_plans.append((tmp, final))
             with open(tmp, "wb") as f:
                 f.write(memoryview(plan))
                 f.flush()
                 os.fsync(f.fileno())
-            tmp_plans.append((tmp, final))
             seconds = time.perf_counter() - t0
             entries.append({
                 "group": gi,
                 "plan": f"{ENGINES_DIR}/{final.name}",
-                "bytes": tmp.stat().st_size,
-                "sha256": sha256_file(tmp),
+                "bytes": memoryview(plan).nbytes,
+                "sha256": sha256_bytes(memoryview(plan)),  # of the bytes written, not reread
                 "onnx": pg.onnx_path.name,
                 "onnx_sha256": bundle.manifest["files"][pg.onnx_path.name]["sha256"],
                 "sdt_form": form,

@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..bundle import file_sha256
 from ..errors import DycError
+from ..fileio import atomic_write_bytes as _atomic_write_bytes
+from ..fileio import make_output_dir, read_text
+from ..fileio import sha256_file as _sha256_file
 
 FLAVORS = ("tensorrt", "tensorrt_rtx")
 SDT_FORMS = ("plugin", "gather", "dense")  # see sdt.py
@@ -71,24 +72,14 @@ def trt_version(trt: ModuleType) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-sha256_file = file_sha256  # one checksum helper for bundles and plans
+sha256_file = _sha256_file  # the project's one checksum helper (dyc.fileio), for bundles and plans
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; engines are shared like the rest of the bundle
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    make_output_dir(path.parent)
+    _atomic_write_bytes(path, data, "engine file")
 
 
 def trt_manifest_path(bundle_path: str | os.PathLike) -> Path:
@@ -103,17 +94,23 @@ def write_trt_manifest(bundle_path: str | os.PathLike, manifest: dict) -> Path:
 
 def read_trt_manifest(bundle_path: str | os.PathLike) -> dict[str, Any]:
     path = trt_manifest_path(bundle_path)
-    if not path.is_file():
+    if not path.exists():
         raise DycError(f"{bundle_path}: has no TensorRT engines ({ENGINES_DIR}/{TRT_MANIFEST} is missing); "
                        f"build them with: dyc build-engines {bundle_path}")
     try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        m = json.loads(read_text(path, "engine manifest"))
+    except json.JSONDecodeError as e:
         raise DycError(f"{path}: not valid JSON ({e}); rebuild with: dyc build-engines {bundle_path}") from None
     if not isinstance(m, dict) or m.get("schema_version") != TRT_MANIFEST_SCHEMA:
         got = m.get("schema_version") if isinstance(m, dict) else m
         raise DycError(f"{path}: unknown engine manifest schema {got!r}"
                        f" (this dyc reads {TRT_MANIFEST_SCHEMA}); rebuild with: dyc build-engines {bundle_path}")
+    engines = m.get("engines")
+    if not isinstance(engines, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("group"), int) and not isinstance(e.get("group"), bool)
+            and isinstance(e.get("plan"), str) and isinstance(e.get("sha256"), str) for e in engines):
+        raise DycError(f"{path}: malformed engine manifest ('engines' must list {{group, plan, sha256}}); "
+                       f"rebuild with: dyc build-engines {bundle_path}")
     return m
 
 

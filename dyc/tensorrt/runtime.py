@@ -29,13 +29,13 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import DycError
+from ..fileio import read_bytes, sha256_bytes
 from .common import (
     FLAVORS,
     PIP_HINT,
     import_trt,
     read_trt_manifest,
     rebuild_hint,
-    sha256_file,
     trt_version,
 )
 
@@ -223,12 +223,13 @@ class TensorRTBackend(Backend):
     def _load_engine(self, index: int, entry: dict, hint: str, verify: bool) -> _Engine:
         trt = self.trt
         path = self.bundle.path / entry["plan"]
-        if not path.is_file():
+        if not path.exists():
             raise DycError(f"{self.bundle.path}: TensorRT plan {entry['plan']} is missing; {hint}")
-        if verify and sha256_file(path) != entry.get("sha256"):
+        # read once; the checksum is checked on these bytes and the engine deserialised from them
+        plan = read_bytes(path, "TensorRT plan")
+        if verify and sha256_bytes(plan) != entry.get("sha256"):
             raise DycError(f"{self.bundle.path}: TensorRT plan {entry['plan']} does not match its engine manifest "
-                           f"(altered, or an interrupted rebuild); {hint}")
-        plan = path.read_bytes()
+                           f"(altered, or an interrupted or concurrent rebuild); {hint}")
         if hasattr(self._runtime, "get_engine_validity"):  # TensorRT-RTX: header check, before deserialising
             validity, diag = self._runtime.get_engine_validity(plan)
             if validity == trt.EngineValidity.INVALID:
@@ -391,7 +392,11 @@ def inspect_plan(bundle_path: str | os.PathLike, group: int, trt: ModuleType | N
         load_plugin_library(trt, lib)
     logger = trt.Logger(trt.Logger.ERROR)
     runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine((Path(bundle_path) / entry["plan"]).read_bytes())
+    plan = read_bytes(Path(bundle_path) / entry["plan"], "TensorRT plan")
+    if sha256_bytes(plan) != entry.get("sha256"):
+        raise DycError(f"{bundle_path}: TensorRT plan {entry['plan']} does not match its engine manifest; "
+                       f"{rebuild_hint(bundle_path, m)}")
+    engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise DycError(f"{bundle_path}: {entry['plan']} cannot be deserialised here (TensorRT needs a GPU that the "
                        f"plan targets); {rebuild_hint(bundle_path, m)}")
