@@ -77,8 +77,15 @@ def to_images(x: torch.Tensor) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    """Where bundles compiled on first use live: ``$DYC_CACHE`` or ``~/.cache/dyc``."""
-    return Path(os.environ.get("DYC_CACHE") or Path.home() / ".cache" / "dyc")
+    """Where bundles compiled on first use live: ``$DYC_CACHE``, else ``$XDG_CACHE_HOME/dyc``, else ``~/.cache/dyc``.
+
+    As the XDG base directory spec asks, an empty or relative ``$XDG_CACHE_HOME`` is ignored.
+    """
+    if os.environ.get("DYC_CACHE"):
+        return Path(os.environ["DYC_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "dyc"
 
 
 def _sha256(path: Path) -> str:
