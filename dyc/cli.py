@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 
 from .errors import DycError
 from .timesteps import NUM_TRAIN_TIMESTEPS, SAMPLERS
+
+# torch and numpy are imported inside the commands that need them: `dyc --help` stays fast
 
 
 def _echo_json(obj) -> None:
@@ -34,6 +34,8 @@ def cli() -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw TDW activation (layer × timestep) to a PNG.")
 def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) -> None:
     """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999."""
+    import numpy as np
+
     from .checkpoint import load_checkpoint
     from .inspection import describe, plot_activation, tdw_activation
 
@@ -58,7 +60,9 @@ def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) ->
     click.echo(format_description(info))
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+def _write_npz(path: Path, **arrays) -> None:
+    import numpy as np
+
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
@@ -82,6 +86,8 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (key 'gflops': static).")
 def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_json) -> None:
     """Static GFLOPs (MAC convention) and, for DyDiT, dynamic GFLOPs per t and over a schedule."""
+    import torch
+
     from .config import parse_model_name
     from .flops import dynamic_flops, flops_ratio, static_breakdown
     from .timesteps import sampler_timesteps

@@ -7,14 +7,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
-import torch
 
 from ..backends import backend_names
 from ..errors import DycError
 from ..timesteps import SAMPLERS
+
+if TYPE_CHECKING:  # numpy and torch load inside the functions: `dyc --help` does not import them
+    import numpy as np
+    import torch
 
 
 def parse_classes(text: str) -> list[int]:
@@ -33,6 +36,8 @@ def parse_classes(text: str) -> list[int]:
 
 
 def load_noise(path: Path) -> np.ndarray:
+    import numpy as np
+
     if not path.is_file():
         raise DycError(f"--noise {path}: no such file")
     try:
@@ -65,6 +70,8 @@ def resolve_classes(classes: str | None, num_samples: int | None, noise: np.ndar
 
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
     """[M, H, W, C] uint8 -> one image, ⌈√M⌉ columns, ``pad`` px gaps (torchvision's save_image layout)."""
+    import numpy as np
+
     m, h, w, c = images.shape
     cols = math.ceil(math.sqrt(m))
     rows = math.ceil(m / cols)
@@ -76,6 +83,7 @@ def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
+    import numpy as np
     from PIL import Image
 
     # uint8 [H, W] -> mode L, [H, W, 3] -> RGB (Pillow infers the mode from the array)
@@ -90,6 +98,8 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.ndarray:
     """Latents -> uint8 images with a local diffusers AutoencoderKL (DiT's decode: latents / scaling)."""
+    import torch
+
     from .pipeline import to_images
 
     try:
@@ -136,6 +146,8 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
             device, checkpoint, vae_dir, save_latents, outdir) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
+    import numpy as np
+
     from .pipeline import Pipeline
 
     if steps is not None and steps <= 0:  # checked before any loading or compiling
