@@ -189,18 +189,23 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--groups", type=int, default=None,
               help="At most K engines for the torch row (default: the compiler's, smallest K ≤ 8 within 2%% "
                    "of one engine per architecture).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the full report as JSON to a file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
-def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, json_out, plot) -> None:
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, as_json, output,
+          plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
 
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
                     repeats=repeats, bundle=bundle, groups=groups)
-    click.echo(format_report(rep))
-    if json_out:
-        write_json(rep, json_out)
+    if as_json:
+        _echo_json(rep)
+    else:
+        click.echo(format_report(rep))
+    if output:
+        write_json(rep, output)
     if plot:
         plot_report(rep, plot)
 

@@ -8,8 +8,11 @@ import sys
 import click
 
 
-def _progress(msg: str) -> None:
-    click.echo(msg, err=True)
+def _progress_log():
+    """Log lines on stderr with the time elapsed (and, for ``phase: unit i/n`` lines, the phase's ETA)."""
+    from ..progress import PhaseLog
+
+    return PhaseLog()
 
 
 @click.command("compile")
@@ -42,9 +45,10 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
     from .compile import compile_checkpoint
 
     out = output or str(Path(checkpoint).with_suffix(".dyc").name)
+    log = _progress_log()
     # DycError propagates: dyc.cli.main prints it as one line and exits non-zero
     r = compile_checkpoint(checkpoint, out, lambda_target=lambda_, groups=groups, sampler=sampler, steps=steps,
-                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=_progress)
+                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=log)
     p, m = r.plan, r.manifest
     lam = m["lambda"]
     size = sum(f["bytes"] for f in m["files"].values())
@@ -60,7 +64,7 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
     if backend == "tensorrt":  # engines are a separate, rebuildable step: `dyc build-engines` redoes it alone
         from ..tensorrt.build import build_engines
 
-        em = build_engines(r.path, batch_sizes, trt_flavor, progress=_progress)
+        em = build_engines(r.path, batch_sizes, trt_flavor, progress=log)
         click.echo(f"engines: {len(em['engines'])} plan(s), {em['flavor']} {em['tensorrt_version']}, "
                    f"SDT {em['sdt_form']} -> {r.path}/engines/")
 
@@ -78,8 +82,9 @@ def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, s
     """Run every group's ONNX through ONNX Runtime (CPU) against the eager model; non-zero exit above tolerance."""
     from .verify import verify_bundle
 
+    log = _progress_log()
     rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
-                        progress=None if as_json else _progress)
+                        progress=None if as_json else log)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
     if not rep.ok:
         sys.exit(1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,20 +170,15 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     if noise_arr is not None:
         pipe.check_noise(noise_arr, len(labels))
 
-    bar = None
-    if sys.stderr.isatty():
-        from .samplers import make_sampler
+    from ..progress import Progress
+    from .samplers import make_sampler
 
-        n = len(make_sampler(sampler, steps))
-        bar = click.progressbar(length=n, label=f"{sampler} {n} steps", file=sys.stderr)
-        bar.__enter__()
+    # a redrawn bar on a terminal, log lines (step i/n, elapsed, ETA) every few seconds elsewhere
+    n = len(make_sampler(sampler, steps))
     t0 = time.perf_counter()
-    try:
+    with Progress(n, f"{sampler} {n} steps") as bar:
         out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
-                   noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+                   noise=noise_arr, batch=batch, progress=lambda i, n: bar.update(1))
     wall = time.perf_counter() - t0
 
     outdir.mkdir(parents=True, exist_ok=True)
