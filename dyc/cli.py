@@ -32,18 +32,40 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--masks", type=click.Path(path_type=Path), help="Write TDW masks (head, channel [1000, L, H]) to .npz.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw TDW activation (layer × timestep) to a PNG.")
-def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) -> None:
-    """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999."""
+@click.option("--sampler", default="ddim", show_default=True, help="Schedule of the λ figures (as dyc compile).")
+@click.option("--steps", type=int, default=None, help="Its steps (default: the sampler's usual count).")
+@click.option("--calib", type=int, default=2, show_default=True,
+              help="Calibration samples for the SDT keep rates of λ_model/λ_engines, as dyc compile; 0 skips them.")
+def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, sampler: str, steps: int | None,
+            calib: int) -> None:
+    """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999 and every λ figure.
+
+    CKPT may also be a compiled bundle (NAME.dyc): its manifest's λ figures, under the same names.
+    """
     import numpy as np
 
     from .checkpoint import load_checkpoint
-    from .inspection import describe, plot_activation, tdw_activation
+    from .inspection import describe, format_description, lambda_figures, plot_activation, tdw_activation
 
+    if ckpt.is_dir():
+        from .inspection import describe_bundle, format_bundle
+
+        info = describe_bundle(ckpt)
+        if as_json:
+            _echo_json(info)
+        else:
+            click.echo(format_bundle(info))
+        return
+    if calib < 0:
+        raise DycError(f"--calib must be 0 (skip) or positive, got {calib}")
     ck = load_checkpoint(ckpt)
     info = describe(ck)
     hm = cm = None
     if ck.config.dynamic:
+        from .progress import PhaseLog
+
         hm, cm = tdw_activation(ck.model)
+        info["lambda"] = lambda_figures(ck, sampler=sampler, steps=steps, calib=calib, progress=PhaseLog())
     if masks is not None:
         if hm is None:
             raise DycError(f"{ckpt}: a plain DiT has no TDW masks to write")
@@ -55,8 +77,6 @@ def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None) ->
     if as_json:
         _echo_json(info)
         return
-    from .inspection import format_description
-
     click.echo(format_description(info))
 
 
@@ -132,10 +152,10 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
     if "dynamic" in out:
         d = out["dynamic"]
         click.echo(f"dynamic over {d['sampler']}-{d['steps']}: TDW {d['tdw_gflops_mean']:.2f} GFLOPs per forward, "
-                   f"ratio λ = {d['tdw_ratio']:.3f} (MHSA+MLP, dynamic/static)")
+                   f"λ_tdw = {d['tdw_ratio']:.3f} (MHSA+MLP, dynamic/static; every λ: dyc inspect)")
         if token_keep is not None:
             click.echo(f"  with SDT keeping {token_keep:.0%} of tokens: {d['gflops_mean']:.2f} GFLOPs, "
-                       f"λ = {d['ratio']:.3f}")
+                       f"λ_model = {d['ratio']:.3f} at that keep rate")
         if per_t:
             key = "gflops_per_t" if token_keep is not None else "tdw_gflops_per_t"
             for t, g in zip(d["timesteps"], d[key], strict=True):
@@ -167,7 +187,7 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
                f"(seed {seed}) ...", err=True)
     model, info = synthesize(cfg, lam, token_keep, seed)
     save_checkpoint(model, output, metadata=synth_metadata(info), static=static)
-    kind = "plain DiT (same weights)" if static else f"DyDiT, λ = {info['flops_ratio']:.3f} over t=0..999"
+    kind = "plain DiT (same weights)" if static else f"DyDiT, λ_model = {info['flops_ratio']:.3f} over t=0..999"
     click.echo(f"wrote {output}: {kind}")
 
 

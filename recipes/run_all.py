@@ -212,12 +212,12 @@ Accuracy: an SVC fitted on real digits (held-out accuracy on real digits {s["cla
 labels {ev_dy["samples"]} class-balanced samples per model, {ev_dy["sampler"].upper()} with classifier-free
 guidance scale {ev_dy["cfg_scale"]:g}; the share labelled as the class asked for.
 
-| model | accuracy | realized λ |
+| model | accuracy | λ_model (DDIM50) |
 | --- | --- | --- |
 | DiT | {s["accuracy_dit"]:.3f} | 1 |
 | DyDiT | {s["accuracy_dydit"]:.3f} | {s["realized_lambda"]:.3f} |
 
-Realized λ: dyc.flops' MHSA+MLP ratio over the {ev_dy["sampler"].upper()} schedule, TDW masks at each
+λ_model (as `dyc inspect` names it): MHSA+MLP ratio over the {ev_dy["sampler"].upper()} schedule, TDW masks at each
 visited t and token keep shares measured on the sampling trajectory (CFG batch included).
 - TDW: {tdw["distinct_architectures"]} distinct architectures over t = 0..999; active heads by quarter of t
   (low t first): {q}; active channel groups: {qc}.

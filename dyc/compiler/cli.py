@@ -56,8 +56,10 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
                f"{r.seconds:.1f} s)")
     click.echo(f"schedule: {p.sampler} {p.steps} steps; {len(p.architectures)} distinct architectures over t=0..999")
     tgt = "none (trained thresholds)" if lam["target"] is None else f"{lam['target']:g}"
-    click.echo(f"λ target {tgt}; trained {lam['trained']:.4f}; model {lam['model']:.4f}; "
-               f"realized by the engines {lam['realized']:.4f} (ONNX-counted {lam['onnx_counted']:.4f})")
+    # the names of `dyc inspect` (which defines each); the manifest keeps its keys: model, trained, realized
+    click.echo(f"λ over {p.sampler}-{p.steps}: λ_model {lam['model']:.4f} (at the trained thresholds "
+               f"{lam['trained']:.4f}), λ_engines {lam['realized']:.4f} (ONNX-counted {lam['onnx_counted']:.4f}), "
+               f"λ_target {tgt}")
     for note in m["notes"]:
         click.echo(f"WARNING: {note}")
     click.echo(r.table)
