@@ -126,7 +126,7 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
 
 
 def default_checkpoint() -> Path:
-    """The embedded default model (recipes/ ships it in dyc/models/)."""
+    """The embedded default model (dyc/recipes/ ships it in dyc/models/)."""
     try:
         from ..models import default_checkpoint as _default
     except ImportError:
