@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import diffusers_format
 from .config import ModelConfig, infer_config
 from .errors import DycError
 from .model import DyDiT
@@ -94,12 +95,12 @@ def _clean(sd: Mapping, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The raw state dict (``module.`` stripped, wrapper unwrapped) and safetensors metadata."""
+    """The raw state dict (``module.`` stripped, wrapper unwrapped, diffusers names mapped) and safetensors metadata."""
     path = Path(path)
     if not path.exists():
         raise DycError(f"{path}: no such file")
     if path.is_dir():
-        raise DycError(f"{path}: is a directory, not a checkpoint file")
+        raise DycError(diffusers_format.directory_hint(path) or f"{path}: is a directory, not a checkpoint file")
     kind = _sniff(path)
     if kind == "unknown":
         raise DycError(f"{path}: not a checkpoint (neither safetensors nor a torch file)")
@@ -107,7 +108,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         sd, meta = _read_safetensors(path)
     else:
         sd, meta = _read_pickle(path), {}
-    return _clean(sd, path), meta
+    sd = _clean(sd, path)
+    if diffusers_format.is_diffusers_dit(sd):  # diffusers' DiTTransformer2DModel: renamed to the official layout
+        sd, meta = diffusers_format.to_official_layout(sd, meta, path)
+    return sd, meta
 
 
 def _names(keys: list[str], limit: int = 6) -> str:
