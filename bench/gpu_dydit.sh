@@ -52,5 +52,5 @@ for spec in ${RUNS:-0.5:16}; do
   bundle=(); [ -d /tmp/xl_$lam.dyc ] && bundle=(--bundle /tmp/xl_$lam.dyc)
   tag=xl_lam${lam}_b$b${ENGINES:+_k$ENGINES}
   dyc bench /tmp/xl_$lam.safetensors --batch "$b" --steps 50 --sampler ddim --dtype bf16 --backends "$BACKENDS" \
-    ${ENGINES:+--groups $ENGINES} "${bundle[@]}" --json "$OUT/$tag.json" --plot "$OUT/$tag.png" 2>&1 | tee "$OUT/$tag.log"
+    ${ENGINES:+--groups $ENGINES} "${bundle[@]}" -o "$OUT/$tag.json" --plot "$OUT/$tag.png" 2>&1 | tee "$OUT/$tag.log"
 done

@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import DycError
 from .flops import static_breakdown, static_gflops
+from .progress import Progress
 from .timesteps import check_sampler, sampler_timesteps
 
 ROWS = ("eager", "eager-dydit", "torch-static", "torch", "onnxruntime", "tensorrt")
@@ -183,7 +184,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
 
 @torch.no_grad()
 def _sample(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor,
-            record: dict[int, torch.Tensor] | None = None) -> None:
+            record: dict[int, torch.Tensor] | None = None, tick: Callable[[], None] | None = None) -> None:
     """One sampling loop through the runtime's own sampler and CFG around the row's model calls, as
     a user runs it, from the noise x[:images]; ``record`` keeps each step's model input by t."""
     from .runtime.cfg import cfg_combine
@@ -201,9 +202,12 @@ def _sample(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor
         if guided:
             out = cfg_combine(out, setup.cfg.in_channels, setup.cfg_scale)
         xt = sampler.step(i, xt, out, gen)
+        if tick:
+            tick()
 
 
-def trajectory_inputs(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
+def trajectory_inputs(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: torch.Tensor,
+                      tick: Callable[[], None] | None = None) -> dict[int, torch.Tensor]:
     """The model inputs of each step of one sampling run of ``runner`` from noise x, by t.
 
     Per-step figures are taken on these, not on one noise tensor at every t: SDT's work depends on
@@ -211,12 +215,12 @@ def trajectory_inputs(runner: _Runner, setup: BenchSetup, x: torch.Tensor, y: to
     sampler really has there), so a fixed input would time calls the sampler never makes.
     """
     xs: dict[int, torch.Tensor] = {}
-    _sample(runner, setup, x, y, record=xs)
+    _sample(runner, setup, x, y, record=xs, tick=tick)
     return xs
 
 
 def _measure(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             repeats: int) -> Row:
+             repeats: int, tick: Callable[[], None] | None = None) -> Row:
     """Per-step times on the trajectory inputs ``xs`` and the end-to-end time from the noise x, of a
     row that has had its ``_warm_up``."""
     dev = setup.device
@@ -226,6 +230,8 @@ def _measure(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], x:
         for _ in range(repeats):
             for t in setup.schedule:
                 per_t[t].append(_time_call(lambda t=t: runner.call(xs[t], t, y), dev))
+                if tick:  # outside the timed call
+                    tick()
         _sync(dev)
         t0 = time.perf_counter()
         _sample(runner, setup, x, y)
@@ -239,7 +245,8 @@ def _measure(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], x:
     return row
 
 
-def _warm_up(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], y: torch.Tensor) -> int | None:
+def _warm_up(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], y: torch.Tensor,
+             tick: Callable[[], None] | None = None) -> int | None:
     """One pass over the schedule (every group once, CUDA graphs captured); returns its peak
     activation bytes on the GPU, None elsewhere.
 
@@ -254,6 +261,8 @@ def _warm_up(runner: _Runner, setup: BenchSetup, xs: dict[int, torch.Tensor], y:
     with torch.no_grad():
         for t in setup.schedule:
             runner.call(xs[t], t, y)
+            if tick:
+                tick()
     _sync(dev)
     return int(torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None
 
@@ -324,7 +333,8 @@ def run_bench(
         runners["eager-dydit"] = dydit
     # every row's per-step inputs: the latents of one guided sampling run of the model itself
     # (the official masked DyDiT for a DyDiT checkpoint), by t
-    xs = trajectory_inputs(dydit or eager, setup, x, y)
+    with Progress(len(schedule), f"step inputs: {(dydit or eager).name} {sampler} trajectory") as bar:
+        xs = trajectory_inputs(dydit or eager, setup, x, y, tick=bar.update)
     report["step_inputs"] = f"{(dydit or eager).name} {sampler} trajectory from seed {seed}"
     want = list(dict.fromkeys(["eager", *backends]))
     if "torch" in want and "torch-static" not in want:
@@ -361,11 +371,12 @@ def run_bench(
                 return _model(xx.to(_dt), tt, yy, tdw_masks=_m(t, xx.shape[0]))
 
             ref = _Runner("eager-dydit", ref_call, dydit.gflops_of_t)
-        peak = _warm_up(r, setup, xs, y)
-        err, l2, l2_t = _check(r, ref, setup, xs, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0, {})
-        del ref_model
-        print(f"timing {name} ...", file=sys.stderr)
-        row = _measure(r, setup, xs, x, y, repeats)
+        # steps counted: the warm-up pass and the timed passes (the check and one sampling loop run between)
+        with Progress(len(schedule) * (1 + repeats), f"{name}: warm-up, check, {repeats} timed passes") as bar:
+            peak = _warm_up(r, setup, xs, y, tick=bar.update)
+            err, l2, l2_t = _check(r, ref, setup, xs, y) if name not in ("eager", "eager-dydit") else (0.0, 0.0, {})
+            del ref_model
+            row = _measure(r, setup, xs, x, y, repeats, tick=bar.update)
         row.peak_activation_bytes = peak
         row.max_rel_err, row.rel_l2_err, row.rel_l2_per_t, row.dtype = err, l2, l2_t, ref_dtype
         if r.graphs is not None and r.graphs.timings:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import diffusers_format
 from .config import ModelConfig, infer_config
 from .errors import ChecksumMismatch, DycError, os_error_reason
 from .fileio import make_output_dir, output_target, read_bytes, sha256_bytes
@@ -130,6 +131,8 @@ def read_checkpoint_file(path: str | os.PathLike, *, expect_sha256: str | None =
     ``expect_sha256``: refuse (``ChecksumMismatch``) unless the bytes read have this sha256.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DycError(diffusers_format.directory_hint(path) or f"{path}: is a directory, not a checkpoint file")
     data = read_bytes(path, "checkpoint file")
     digest = sha256_bytes(data)
     if expect_sha256 is not None and digest != expect_sha256:
@@ -142,11 +145,14 @@ def read_checkpoint_file(path: str | os.PathLike, *, expect_sha256: str | None =
         sd, meta = _read_safetensors(data, path)
     else:
         sd, meta = _read_pickle(data, path), {}
-    return RawCheckpoint(_clean(sd, path), meta, digest, len(data))
+    sd = _clean(sd, path)
+    if diffusers_format.is_diffusers_dit(sd):  # diffusers' DiTTransformer2DModel: renamed to the official layout
+        sd, meta = diffusers_format.to_official_layout(sd, meta, path)
+    return RawCheckpoint(sd, meta, digest, len(data))
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The raw state dict (``module.`` stripped, wrapper unwrapped) and safetensors metadata."""
+    """The raw state dict (``module.`` stripped, wrapper unwrapped, diffusers names mapped) and safetensors metadata."""
     raw = read_checkpoint_file(path)
     return raw.state_dict, raw.metadata
 

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 
 from .errors import (
     EXIT_INPUT,
@@ -25,6 +23,7 @@ from .timesteps import NUM_TRAIN_TIMESTEPS, SAMPLERS
 
 NUM_HEADS_HELP = ("Attention heads of a plain DiT of a non-official width without dyc.config metadata "
                   "(a DyDiT's routers give them).")
+# torch and numpy are imported inside the commands that need them: `dyc --help` stays fast
 
 
 def _echo_json(obj) -> None:
@@ -44,17 +43,41 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--masks", type=click.Path(path_type=Path), help="Write TDW masks (head, channel [1000, L, H]) to .npz.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw TDW activation (layer × timestep) to a PNG.")
+@click.option("--sampler", default="ddim", show_default=True, help="Schedule of the λ figures (as dyc compile).")
+@click.option("--steps", type=int, default=None, help="Its steps (default: the sampler's usual count).")
+@click.option("--calib", type=int, default=2, show_default=True,
+              help="Calibration samples for the SDT keep rates of λ_model/λ_engines, as dyc compile; 0 skips them.")
 @click.option("--num-heads", type=int, default=None, help=NUM_HEADS_HELP)
-def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, num_heads: int | None) -> None:
-    """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999."""
-    from .checkpoint import load_checkpoint
-    from .inspection import describe, plot_activation, tdw_activation
+def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, sampler: str, steps: int | None,
+            calib: int, num_heads: int | None) -> None:
+    """Config, parameters, static GFLOPs and, for DyDiT, TDW activation over t = 0..999 and every λ figure.
 
+    CKPT may also be a compiled bundle (NAME.dyc): its manifest's λ figures, under the same names.
+    """
+    import numpy as np
+
+    from .checkpoint import load_checkpoint
+    from .inspection import describe, format_description, lambda_figures, plot_activation, tdw_activation
+
+    if ckpt.is_dir():
+        from .inspection import describe_bundle, format_bundle
+
+        info = describe_bundle(ckpt)
+        if as_json:
+            _echo_json(info)
+        else:
+            click.echo(format_bundle(info))
+        return
+    if calib < 0:
+        raise DycError(f"--calib must be 0 (skip) or positive, got {calib}")
     ck = load_checkpoint(ckpt, num_heads=num_heads)
     info = describe(ck)
     hm = cm = None
     if ck.config.dynamic:
+        from .progress import PhaseLog
+
         hm, cm = tdw_activation(ck.model)
+        info["lambda"] = lambda_figures(ck, sampler=sampler, steps=steps, calib=calib, progress=PhaseLog())
     if masks is not None:
         if hm is None:
             raise DycError(f"{ckpt}: a plain DiT has no TDW masks to write")
@@ -66,12 +89,12 @@ def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, nu
     if as_json:
         _echo_json(info)
         return
-    from .inspection import format_description
-
     click.echo(format_description(info))
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+def _write_npz(path: Path, **arrays) -> None:
+    import numpy as np
+
     from .fileio import atomic_output
 
     if path.suffix != ".npz":
@@ -94,6 +117,8 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 @click.option("--num-heads", type=int, default=None, help=NUM_HEADS_HELP)
 def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_json, num_heads) -> None:
     """Static GFLOPs (MAC convention) and, for DyDiT, dynamic GFLOPs per t and over a schedule."""
+    import torch
+
     from .config import parse_model_name
     from .flops import dynamic_flops, flops_ratio, static_breakdown
     from .timesteps import sampler_timesteps
@@ -138,10 +163,10 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
     if "dynamic" in out:
         d = out["dynamic"]
         click.echo(f"dynamic over {d['sampler']}-{d['steps']}: TDW {d['tdw_gflops_mean']:.2f} GFLOPs per forward, "
-                   f"ratio λ = {d['tdw_ratio']:.3f} (MHSA+MLP, dynamic/static)")
+                   f"λ_tdw = {d['tdw_ratio']:.3f} (MHSA+MLP, dynamic/static; every λ: dyc inspect)")
         if token_keep is not None:
             click.echo(f"  with SDT keeping {token_keep:.0%} of tokens: {d['gflops_mean']:.2f} GFLOPs, "
-                       f"λ = {d['ratio']:.3f}")
+                       f"λ_model = {d['ratio']:.3f} at that keep rate")
         if per_t:
             key = "gflops_per_t" if token_keep is not None else "tdw_gflops_per_t"
             for t, g in zip(d["timesteps"], d[key], strict=True):
@@ -173,7 +198,7 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
                f"(seed {seed}) ...", err=True)
     model, info = synthesize(cfg, lam, token_keep, seed)
     save_checkpoint(model, output, metadata=synth_metadata(info), static=static)
-    kind = "plain DiT (same weights)" if static else f"DyDiT, λ = {info['flops_ratio']:.3f} over t=0..999"
+    kind = "plain DiT (same weights)" if static else f"DyDiT, λ_model = {info['flops_ratio']:.3f} over t=0..999"
     click.echo(f"wrote {output}: {kind}")
 
 
@@ -196,9 +221,11 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--groups", type=int, default=None,
               help="At most K engines for the torch row (default: the compiler's, smallest K ≤ 8 within 2%% "
                    "of one engine per architecture).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the full report as JSON to a file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
-def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, json_out, plot) -> None:
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, as_json, output,
+          plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
     from .devices import check_device
@@ -207,9 +234,12 @@ def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bu
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
                     repeats=repeats, bundle=bundle, groups=groups)
-    click.echo(format_report(rep))
-    if json_out:
-        write_json(rep, json_out)
+    if as_json:
+        _echo_json(rep)
+    else:
+        click.echo(format_report(rep))
+    if output:
+        write_json(rep, output)
     if plot:
         plot_report(rep, plot)
 

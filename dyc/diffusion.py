@@ -20,18 +20,11 @@ import numpy as np
 import torch
 
 from .errors import DycError
+from .noise_schedule import linear_betas
 from .timesteps import NUM_TRAIN_TIMESTEPS, sampler_timesteps
 
 # (x, t, y) -> model output [B, C or 2C, H, W]; t holds original timesteps 0..T-1
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def linear_betas(
-    num_timesteps: int = NUM_TRAIN_TIMESTEPS, start: float = 1e-4, end: float = 0.02
-) -> np.ndarray:
-    """DiT's schedule: linear in beta, scaled so other T keep the same total noise (as ADM)."""
-    scale = 1000 / num_timesteps
-    return np.linspace(scale * start, scale * end, num_timesteps, dtype=np.float64)
 
 
 def normal_kl(

@@ -57,7 +57,7 @@ def threshold_gate(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 # A gate maps router logits to a 0/1 (or, in training, relaxed) mask; kind is "head", "channel"
-# or "token". Training swaps it for Gumbel-Sigmoid + straight-through (recipes/).
+# or "token". Training swaps it for Gumbel-Sigmoid + straight-through (dyc/recipes/).
 Gate = Callable[[torch.Tensor, str], torch.Tensor]
 
 

@@ -28,3 +28,10 @@ def random_model(cfg: ModelConfig, seed: int = 0, router_scale: float = 1.0) -> 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def shared_dyc_cache(tmp_path_factory):
+    """One bundle cache for the tests that run documented examples as written: the embedded default model
+    compiles into it once per session instead of once per test."""
+    return tmp_path_factory.mktemp("dyc_cache")

@@ -23,7 +23,7 @@ def test_bench_reports_every_row(tmp_path, capsys):
     assert rows["tensorrt"]["status"] != "ok"  # reported with its reason, not dropped
     assert "tensorrt" in format_report(rep)
     code = main(["bench", str(path), "--backends", "eager,torch", "--batch", "1", "--steps", "2", "--repeats", "1",
-                 "--json", str(tmp_path / "b.json")])
+                 "-o", str(tmp_path / "b.json")])
     assert code == 0
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 2
     capsys.readouterr()

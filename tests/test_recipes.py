@@ -1,4 +1,4 @@
-"""recipes/: the FLOPs loss, the Gumbel-Sigmoid/STE gate, the magnitude permutation, a fine-tuning smoke
+"""dyc/recipes/: the FLOPs loss, the Gumbel-Sigmoid/STE gate, the magnitude permutation, a fine-tuning smoke
 run, and the shipped default models (dyc/models)."""
 
 import json
@@ -14,9 +14,9 @@ from dyc.errors import DycError
 from dyc.flops import flops_ratio
 from dyc.model import threshold_gate
 from dyc.models import default_checkpoint
-from recipes import finetune as ft
-from recipes.data import digits_dataset, load_digits_raw, to_model_space, to_raw_space
-from recipes.evaluate import realized_lambda, sample
+from dyc.recipes import finetune as ft
+from dyc.recipes.data import digits_dataset, load_digits_raw, to_model_space, to_raw_space
+from dyc.recipes.evaluate import realized_lambda, sample
 
 
 @pytest.fixture(autouse=True, scope="module")

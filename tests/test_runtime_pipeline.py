@@ -101,12 +101,14 @@ def test_eager_backend_needs_its_checkpoint(compiled, tmp_path):
 
 
 def test_checkpoint_is_compiled_once_into_cache(compiled, tmp_path, monkeypatch):
-    """Without a bundle: the (default) checkpoint compiles into $DYC_CACHE on first use, then is reused."""
+    """Without a bundle: the (default) checkpoint compiles into the cache ($XDG_CACHE_HOME/dyc when $DYC_CACHE
+    is unset) on first use, then is reused."""
     pytest.importorskip("onnxruntime")
-    monkeypatch.setenv("DYC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DYC_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(pipeline_mod, "default_checkpoint", lambda: compiled["ckpt"])
     pipe = dyc.Pipeline.load(None, backend="onnxruntime")
-    bundles = list((tmp_path / "cache").glob("*.dyc"))
+    bundles = list((tmp_path / "xdg" / "dyc").glob("*.dyc"))
     assert len(bundles) == 1 and pipe.bundle.path == bundles[0]
     stamp = (bundles[0] / "manifest.json").stat().st_mtime_ns
     again = dyc.Pipeline.load(None, backend="onnxruntime")
@@ -114,6 +116,20 @@ def test_checkpoint_is_compiled_once_into_cache(compiled, tmp_path, monkeypatch)
     ref = reference(compiled, "ddim", 25, 1.0, 0)
     out = again(CLASSES, steps=25, noise=compiled["noise"])
     assert (out.latents - ref).abs().max().item() <= TOL
+
+
+def test_cache_dir_precedence(tmp_path, monkeypatch):
+    """$DYC_CACHE > $XDG_CACHE_HOME/dyc (absolute only, as the XDG spec says) > ~/.cache/dyc."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("DYC_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert pipeline_mod.cache_dir() == tmp_path / "home" / ".cache" / "dyc"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored
+    assert pipeline_mod.cache_dir() == tmp_path / "home" / ".cache" / "dyc"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pipeline_mod.cache_dir() == tmp_path / "xdg" / "dyc"
+    monkeypatch.setenv("DYC_CACHE", str(tmp_path / "mine"))
+    assert pipeline_mod.cache_dir() == tmp_path / "mine"
 
 
 def test_pipeline_bad_input(compiled, ort_pipe):

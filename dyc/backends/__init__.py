@@ -7,9 +7,12 @@ that brings it when it is not installed.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import DycError, UsageError
-from .base import Backend
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 # name -> (module, class, pip package that brings its runtime)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -39,6 +42,14 @@ def get_backend(name: str) -> type[Backend]:
     if not ok:
         raise DycError(f"backend {name!r} cannot run here: {why}")
     return backend
+
+
+def __getattr__(name: str):
+    if name == "Backend":  # base imports torch: loaded on use, so `dyc --help` can list the backends without it
+        from .base import Backend
+
+        return Backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Backend", "backend_names", "get_backend"]

@@ -22,6 +22,7 @@ import torch
 from ..config import ModelConfig
 from ..flops import block_flops, dynamic_flops
 from ..model import DyDiT
+from ..noise_schedule import linear_alphas_cumprod
 from .plan import NUM_T
 
 Progress = Callable[[str], None]
@@ -42,12 +43,6 @@ def tdw_masks(model: DyDiT, threshold_offset: float = 0.0) -> tuple[np.ndarray, 
     """
     hm, cm = model.tdw_masks(torch.arange(NUM_T), threshold_offset)
     return hm.numpy() > 0.5, cm.numpy() > 0.5
-
-
-def linear_alphas_cumprod(num_timesteps: int = NUM_T) -> np.ndarray:
-    """DiT's linear beta schedule (1e-4 .. 0.02) -> ᾱ_t, float64."""
-    betas = np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
 
 
 def calibration_timesteps(schedule: Sequence[int], calib_steps: int) -> list[int]:

@@ -10,8 +10,11 @@ NUM_HEADS_HELP = ("attention heads of a plain DiT of a non-official width withou
                   "(a DyDiT's routers give them)")
 
 
-def _progress(msg: str) -> None:
-    click.echo(msg, err=True)
+def _progress_log():
+    """Log lines on stderr with the time elapsed (and, for ``phase: unit i/n`` lines, the phase's ETA)."""
+    from ..progress import PhaseLog
+
+    return PhaseLog()
 
 
 @click.command("compile")
@@ -45,9 +48,10 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
     from .compile import compile_checkpoint
 
     out = output or str(Path(checkpoint).with_suffix(".dyc").name)
+    log = _progress_log()
     # DycError propagates: dyc.cli.main prints it as one line and exits non-zero
     r = compile_checkpoint(checkpoint, out, lambda_target=lambda_, groups=groups, sampler=sampler, steps=steps,
-                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=_progress,
+                           dtype=dtype, calib=calib, calib_steps=calib_steps, seed=seed, progress=log,
                            num_heads=num_heads)
     p, m = r.plan, r.manifest
     lam = m["lambda"]
@@ -56,15 +60,17 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
                f"{r.seconds:.1f} s)")
     click.echo(f"schedule: {p.sampler} {p.steps} steps; {len(p.architectures)} distinct architectures over t=0..999")
     tgt = "none (trained thresholds)" if lam["target"] is None else f"{lam['target']:g}"
-    click.echo(f"λ target {tgt}; trained {lam['trained']:.4f}; model {lam['model']:.4f}; "
-               f"realized by the engines {lam['realized']:.4f} (ONNX-counted {lam['onnx_counted']:.4f})")
+    # the names of `dyc inspect` (which defines each); the manifest keeps its keys: model, trained, realized
+    click.echo(f"λ over {p.sampler}-{p.steps}: λ_model {lam['model']:.4f} (at the trained thresholds "
+               f"{lam['trained']:.4f}), λ_engines {lam['realized']:.4f} (ONNX-counted {lam['onnx_counted']:.4f}), "
+               f"λ_target {tgt}")
     for note in m["notes"]:
         click.echo(f"WARNING: {note}")
     click.echo(r.table)
     if backend == "tensorrt":  # engines are a separate, rebuildable step: `dyc build-engines` redoes it alone
         from ..tensorrt.build import build_engines
 
-        em = build_engines(r.path, batch_sizes, trt_flavor, progress=_progress)
+        em = build_engines(r.path, batch_sizes, trt_flavor, progress=log)
         click.echo(f"engines: {len(em['engines'])} plan(s), {em['flavor']} {em['tensorrt_version']}, "
                    f"SDT {em['sdt_form']} -> {r.path}/engines/")
 
@@ -84,8 +90,9 @@ def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, s
     """Run every group's ONNX through ONNX Runtime (CPU) against the float64 eager model; exit 1 above tolerance."""
     from .verify import verify_bundle
 
+    log = _progress_log()
     rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
-                        progress=None if as_json else _progress)
+                        progress=None if as_json else log)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
     if not rep.ok:  # out of tolerance: exit 1, like any other bad input
         click.get_current_context().exit(1)

@@ -1,6 +1,6 @@
 """The embedded default models: a tiny pixel-space DiT and its DyDiT (λ=0.5) on scikit-learn's digits.
 
-Made by ``python -m recipes.run_all --out-dir dyc/models`` (see MODEL_CARD.md beside this file);
+Made by ``python -m dyc.recipes.run_all --out-dir dyc/models`` (see MODEL_CARD.md beside this file);
 ``dyc`` uses them when no checkpoint is given, so a fresh machine has a real model to run.
 """
 
@@ -21,6 +21,6 @@ def default_checkpoint(dynamic: bool = True) -> Path:
     if not path.is_file():
         raise DycError(
             f"the default model {path.name} is missing from {MODELS_DIR}: reinstall dyc, or rebuild it with "
-            "'python -m recipes.run_all --out-dir dyc/models'"
+            "'python -m dyc.recipes.run_all --out-dir dyc/models'"
         )
     return path

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
-import torch
 
 from ..backends import backend_names
 from ..errors import DycError, UsageError
 from ..fileio import atomic_output, atomic_write_text, make_output_dir, output_target, read_bytes
 from ..timesteps import SAMPLERS
+
+if TYPE_CHECKING:  # numpy and torch load inside the functions: `dyc --help` does not import them
+    import numpy as np
+    import torch
 
 
 def parse_classes(text: str) -> list[int]:
@@ -35,6 +37,8 @@ def parse_classes(text: str) -> list[int]:
 
 def load_noise(path: Path) -> np.ndarray:
     import io
+
+    import numpy as np
 
     data = read_bytes(path, "--noise .npy file")  # a FIFO or device is refused, not waited on
     try:
@@ -67,6 +71,8 @@ def resolve_classes(classes: str | None, num_samples: int | None, noise: np.ndar
 
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
     """[M, H, W, C] uint8 -> one image, ⌈√M⌉ columns, ``pad`` px gaps (torchvision's save_image layout)."""
+    import numpy as np
+
     m, h, w, c = images.shape
     cols = math.ceil(math.sqrt(m))
     rows = math.ceil(m / cols)
@@ -79,6 +85,7 @@ def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write a PNG atomically (temp file + rename: a failed or killed write leaves no half image)."""
+    import numpy as np
     from PIL import Image
 
     # uint8 [H, W] -> mode L, [H, W, 3] -> RGB (Pillow infers the mode from the array)
@@ -99,6 +106,8 @@ def save_npy(array: np.ndarray, path: Path) -> None:
 
 def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.ndarray:
     """Latents -> uint8 images with a local diffusers AutoencoderKL (DiT's decode: latents / scaling)."""
+    import torch
+
     from .pipeline import to_images
 
     try:
@@ -147,6 +156,8 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
             device, checkpoint, vae_dir, save_latents, outdir, num_heads) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
+    import numpy as np
+
     from .pipeline import Pipeline
 
     if steps is not None and steps <= 0:  # checked before any loading or compiling
@@ -173,20 +184,15 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     if noise_arr is not None:
         pipe.check_noise(noise_arr, len(labels))
 
-    bar = None
-    if sys.stderr.isatty():
-        from .samplers import make_sampler
+    from ..progress import Progress
+    from .samplers import make_sampler
 
-        n = len(make_sampler(sampler, steps))
-        bar = click.progressbar(length=n, label=f"{sampler} {n} steps", file=sys.stderr)
-        bar.__enter__()
+    # a redrawn bar on a terminal, log lines (step i/n, elapsed, ETA) every few seconds elsewhere
+    n = len(make_sampler(sampler, steps))
     t0 = time.perf_counter()
-    try:
+    with Progress(n, f"{sampler} {n} steps") as bar:
         out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
-                   noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+                   noise=noise_arr, batch=batch, progress=lambda i, n: bar.update(1))
     wall = time.perf_counter() - t0
 
     # every file is written to a temp name and renamed into place: a full disk or a kill never leaves

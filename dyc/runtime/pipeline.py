@@ -78,8 +78,15 @@ def to_images(x: torch.Tensor) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    """Where bundles compiled on first use live: ``$DYC_CACHE`` or ``~/.cache/dyc``."""
-    return Path(os.environ.get("DYC_CACHE") or Path.home() / ".cache" / "dyc")
+    """Where bundles compiled on first use live: ``$DYC_CACHE``, else ``$XDG_CACHE_HOME/dyc``, else ``~/.cache/dyc``.
+
+    As the XDG base directory spec asks, an empty or relative ``$XDG_CACHE_HOME`` is ignored.
+    """
+    if os.environ.get("DYC_CACHE"):
+        return Path(os.environ["DYC_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "dyc"
 
 
 def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
@@ -122,7 +129,7 @@ def compiled_bundle(checkpoint: str | os.PathLike, *, progress: Callable[[str], 
 
 
 def default_checkpoint() -> Path:
-    """The embedded default model (recipes/ ships it in dyc/models/)."""
+    """The embedded default model (dyc/recipes/ ships it in dyc/models/)."""
     try:
         from ..models import default_checkpoint as _default
     except ImportError:

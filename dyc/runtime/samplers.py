@@ -21,14 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import DycError, UsageError
+from ..noise_schedule import linear_alphas_cumprod
 from ..timesteps import NUM_TRAIN_TIMESTEPS, check_sampler, sampler_timesteps
-
-
-def linear_alphas_cumprod(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    """ᾱ_t of DiT's linear beta schedule (1e-4 .. 0.02 at T=1000), float64."""
-    scale = 1000 / num_timesteps
-    betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
 
 
 class Sampler(ABC):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from .common import FLAVORS
+# common.FLAVORS, spelled out: importing .common loads numpy, and `dyc --help` should not (a test keeps them equal)
+FLAVORS = ("tensorrt", "tensorrt_rtx")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

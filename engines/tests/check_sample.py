@@ -4,8 +4,9 @@
 (fp32) and WORK/tiny16.dyc (fp16), two groups each, one of whose members differ, so its engine
 takes per-t mask inputs; plus a noise file.
 Each sampling case runs ``dyc run --noise ... --save-latents`` and ``dyc_sample`` with the same
-noise and compares the final latents (max |diff| <= 1e-4). The bad-bundle cases damage a copy
-of the bundle and check that ``dyc_sample`` fails with a clear one-line message.
+noise and compares the final latents: max |diff| <= 1e-5 (latents of magnitude ~4; both run the same ONNX
+Runtime, so what differs is float32 rounding in the samplers' arithmetic: measured 0 to 1.1e-6).
+The bad-bundle cases damage a copy of the bundle and check that ``dyc_sample`` fails with a clear one-line message.
 
     python check_sample.py CASE --repo REPO --work WORK --dyc-sample PATH/dyc_sample
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOL = 1e-4
+TOL = 1e-5
 CLASSES = "1,7"
 SAMPLING = {  # case -> (bundle, dyc run options); dyc_sample takes the same options
     "ddim_cfg": ("tiny.dyc", ["--sampler", "ddim", "--steps", "10", "--cfg", "4"]),

@@ -1,7 +1,7 @@
 """The whole recipe, end to end: train the DiT, fine-tune it to DyDiT, evaluate both, write the card.
 
-    PYTHONPATH=. python -m recipes.run_all --out-dir dyc/models     # what produced the shipped files
-    PYTHONPATH=. python -m recipes.run_all                          # same, into out/recipe/
+    python -m dyc.recipes.run_all --out-dir dyc/models     # what produced the shipped files
+    python -m dyc.recipes.run_all                          # same, into out/recipe/
 
 Every stage runs with its defaults (the shipped recipe); the figures, the wall time of each stage
 and the conditions they were measured under (threads, CPU, load average) go to
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _command(args: argparse.Namespace) -> str:
-    cmd = "PYTHONPATH=. python -m recipes.run_all --out-dir DIR"
+    cmd = "python -m dyc.recipes.run_all --out-dir DIR"
     if args.threads:
         cmd += f" --threads {args.threads}"
     if args.seed:
@@ -179,7 +179,7 @@ def model_card(r: dict) -> str:
 The embedded default `dyc` uses when no checkpoint is given (`dyc.models.default_checkpoint()`).
 Both files are official-layout safetensors (weights stored fp16, loaded as fp32) with the config in
 the `dyc.config` metadata and the recipe's settings in `dyc.recipe`. Every figure below was written
-by `recipes/run_all.py` from the run that produced these files.
+by `dyc/recipes/run_all.py` from the run that produced these files.
 
 | file | model |
 | --- | --- |
@@ -212,12 +212,12 @@ Accuracy: an SVC fitted on real digits (held-out accuracy on real digits {s["cla
 labels {ev_dy["samples"]} class-balanced samples per model, {ev_dy["sampler"].upper()} with classifier-free
 guidance scale {ev_dy["cfg_scale"]:g}; the share labelled as the class asked for.
 
-| model | accuracy | realized λ |
+| model | accuracy | λ_model (DDIM50) |
 | --- | --- | --- |
 | DiT | {s["accuracy_dit"]:.3f} | 1 |
 | DyDiT | {s["accuracy_dydit"]:.3f} | {s["realized_lambda"]:.3f} |
 
-Realized λ: dyc.flops' MHSA+MLP ratio over the {ev_dy["sampler"].upper()} schedule, TDW masks at each
+λ_model (as `dyc inspect` names it): MHSA+MLP ratio over the {ev_dy["sampler"].upper()} schedule, TDW masks at each
 visited t and token keep shares measured on the sampling trajectory (CFG batch included).
 - TDW: {tdw["distinct_architectures"]} distinct architectures over t = 0..999; active heads by quarter of t
   (low t first): {q}; active channel groups: {qc}.

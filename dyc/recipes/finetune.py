@@ -1,6 +1,6 @@
 """DiT -> DyDiT fine-tuning, as the paper's §3.4 (the recipe's second stage).
 
-    python -m recipes.finetune --from out/dit_digits.safetensors --lambda 0.5 --out out/dydit_digits.safetensors
+    python -m dyc.recipes.finetune --from out/dit_digits.safetensors --lambda 0.5 --out out/dydit_digits.safetensors
 
 1. Rank attention heads and MLP hidden channels by weight magnitude and permute them so the
    most important head / channel group comes first: head 0 and group 0 are always on in DyDiT.

@@ -11,13 +11,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dyc.errors import DycError
+
 NUM_CLASSES = 10
 RAW_SIZE = 8
 
 
 def load_digits_raw() -> tuple[np.ndarray, np.ndarray]:
     """Images [1797, 8, 8] in 0..16 (float64) and labels [1797]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DycError("the digits recipe needs scikit-learn: pip install 'dyc[recipes]'") from None
 
     d = load_digits()
     return d.images.astype(np.float64), d.target.astype(np.int64)

@@ -1,6 +1,6 @@
 """Quality and cost of the recipe's models (the recipe's third stage).
 
-    python -m recipes.evaluate dyc/models/dit_digits.safetensors dyc/models/dydit_digits.safetensors
+    python -m dyc.recipes.evaluate dyc/models/dit_digits.safetensors dyc/models/dydit_digits.safetensors
 
 Accuracy: a scikit-learn classifier fitted on real digits labels generated samples (DDIM with
 classifier-free guidance, the same number per class); the share it labels as the class asked

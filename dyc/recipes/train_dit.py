@@ -1,6 +1,6 @@
 """Train a small pixel-space DiT from scratch on the digits (the recipe's first stage).
 
-    python -m recipes.train_dit --out out/dit_digits.safetensors --steps 2000
+    python -m dyc.recipes.train_dit --out out/dit_digits.safetensors --steps 2000
 
 DiT's training as in its official ``train.py``, scaled down: t ~ U{0..999}, the hybrid loss
 (MSE on eps + VLB for the learned variance), label dropout 0.1 (the null class for CFG),
