@@ -161,6 +161,12 @@ class OnnxRuntimeBackend(Backend):
 
         wbytes = bundle.manifest["files"][_WEIGHTS]["bytes"]
         graphs = [read_checked(bundle, bundle.onnx_path(g, variant).name) for g in bundle.groups]
+        if variant == "cuda" and not cuda:  # ORT's CPU attention kernel takes Q, K, V apart: same maths
+            import onnx
+
+            from ..compiler.export_cuda import cpu_form
+
+            graphs = [cpu_form(onnx.ModelProto.FromString(b)).SerializeToString() for b in graphs]
         if share_weights:
             # one copy of the checked bytes: host memory, or streamed straight into one device allocation
             self._weights = device_weights(bundle, self._device) if cuda else host_weights(bundle)

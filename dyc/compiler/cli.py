@@ -73,13 +73,16 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
 @click.option("--batch", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tolerance", type=float, default=None, help="relative error bound (default: 1e-4 fp32, 1e-2 fp16)")
+@click.option("--variant", type=click.Choice(["std", "trt", "cuda"]), default="std", show_default=True,
+              help="which graphs: std (standard ops), trt (dyc::SdtMlp), cuda (ONNX Runtime CUDA EP graphs)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda[:i] (onnxruntime-gpu)")
 def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, seed: int,
-               tolerance: float | None) -> None:
-    """Run every group's ONNX through ONNX Runtime (CPU) against the eager model; non-zero exit above tolerance."""
+               tolerance: float | None, variant: str, device: str) -> None:
+    """Run every group's ONNX through ONNX Runtime against the eager model; non-zero exit above tolerance."""
     from .verify import verify_bundle
 
     rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
-                        progress=None if as_json else _progress)
+                        progress=None if as_json else _progress, variant=variant, device=device)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
     if not rep.ok:
         sys.exit(1)
