@@ -7,8 +7,8 @@ Same interface and semantics as the ``std`` graph (``export.build_graph``), othe
   every row of ``channel_mask`` is the same and GEMM1 runs as one plain GEMM;
 * attention is ``com.microsoft.MultiHeadAttention`` on the packed QKV ([B, N, heads, 3, Dh]: the
   head-major rows of the stored qkv weight are already that layout), i.e. flash attention on
-  sm80+; ONNX Runtime's CPU kernel lacks the packed form, so ``cpu_form`` splits Q, K, V for
-  checks on the CPU;
+  sm80+ for fp16/bf16; ONNX Runtime's CPU kernel and its fp32 CUDA fallbacks lack the packed form,
+  so fp32 graphs take Q, K, V apart (``cpu_form``, also applied to fp16 graphs for checks on the CPU);
 * patchify is a GEMM on the conv weight's bytes seen as [C, C_in·p·p] (no cuDNN, and bf16 works);
 * the plain DiT's MLP uses ``com.microsoft.FastGelu`` (tanh GELU in one kernel).
 
@@ -174,7 +174,8 @@ def build_cuda_graph(
         opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="dyc")
     model.ir_version = 8
-    return model
+    # fp32: no flash attention, and ORT's fallback kernels (CUDA and CPU) take Q, K, V apart
+    return cpu_form(model) if dt == TensorProto.FLOAT else model
 
 
 def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,8 +12,6 @@ namespace {
 template <class T>
 __device__ T from_float(float v);
 template <>
-__device__ float from_float<float>(float v) { return v; }
-template <>
 __device__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
