@@ -11,6 +11,7 @@
 # Time: ~1 min smoke tests, ~2 min synth + compile (DiT-XL/2), ~2-3 min bench, ~1 min C++ (about 6 min).
 set -u -o pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1  # one log; at most 8 files come back: log, summary and a few JSON
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 LIBDIR=${LIBDIR:-$PWD/build/sm90/lib}
 export DYC_PLUGIN_LIB=$LIBDIR/libdyc_plugins.so DYC_ORT_OPS_LIB=$LIBDIR/libdyc_ort_ops.so
@@ -23,11 +24,11 @@ dyc() { python3 -m dyc.cli "$@"; }
 
 # ---- 0. fail fast: the pieces this script cannot work without --------------------------------------
 step "0. environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for f in "$DYC_PLUGIN_LIB" "$DYC_ORT_OPS_LIB"; do
   [ -f "$f" ] || { echo "FATAL: $f missing: carry build/sm90/lib (built on the dev machine)" >&2; exit 2; }
 done
-python3 - <<'PY' 2>&1 | tee "$OUT/env.txt" || { echo "FATAL: no usable onnxruntime-gpu (stage it into /tmp/site)" >&2; exit 2; }
+python3 - <<'PY' || { echo "FATAL: no usable onnxruntime-gpu (stage it into /tmp/site)" >&2; exit 2; }
 import os, torch, onnxruntime as ort
 print("torch", torch.__version__, "onnxruntime", ort.__version__, ort.__file__)
 assert "CUDAExecutionProvider" in ort.get_available_providers(), ort.get_available_providers()
@@ -51,11 +52,8 @@ CPP_LD="$ORT_CAPI:$NV_LIBS"
 
 # ---- 1. smoke: the cuda graphs against eager, CUDA-graph replays, one device weight copy (small models) --
 step "1. GPU tests (tests/test_ort_cuda_gpu.py)"
-if python3 -m pytest tests/test_ort_cuda_gpu.py -x -q -rs 2>&1 | tee "$OUT/pytest_gpu.log"; then
-  note "gpu tests: $(tail -1 "$OUT/pytest_gpu.log")"
-else
-  note "gpu tests: FAILED ($(tail -1 "$OUT/pytest_gpu.log")): see pytest_gpu.log"
-fi
+python3 -m pytest tests/test_ort_cuda_gpu.py -q -rs 2>&1 | tee /tmp/pytest_gpu.log
+note "gpu tests: $(tail -1 /tmp/pytest_gpu.log)"
 
 # ---- 2. DiT-XL/2 synth + bundles ----------------------------------------------------------------
 step "2. synth + compile DiT-XL/2 lambda $LAMBDA"
@@ -64,13 +62,13 @@ CK=/tmp/xl_$LAMBDA.safetensors
 for dt in $DTYPES; do
   B=/tmp/xl_${LAMBDA}_$dt.dyc
   [ -d "$B" ] || { /usr/bin/time -f "compile $dt: %e s, peak RSS %M KB" dyc compile "$CK" --lambda "$LAMBDA" \
-    --dtype "$dt" -o "$B" 2>&1 | tail -4; } 2>&1 | tee -a "$OUT/compile.log"
+    --dtype "$dt" -o "$B" 2>&1 | tail -4; } 2>&1
 done
 B=/tmp/xl_${LAMBDA}_${DTYPES%% *}.dyc
 
 # ---- 3. memory: host RSS and device memory of all group sessions vs weights.bin -----------------
 step "3. memory of the group sessions"
-python3 - "$B" <<'PY' 2>&1 | tee "$OUT/memory.json"
+python3 - "$B" "$OUT/memory.json" <<'PY' 2>&1
 import json, sys, torch
 from dyc.bundle import Bundle
 from dyc.backends.onnxruntime import OnnxRuntimeBackend
@@ -92,9 +90,11 @@ for g in b.groups:
     be.run_group(g.index, feeds)
 torch.cuda.synchronize()
 r2, (f2, _) = rss(), torch.cuda.mem_get_info()
-print(json.dumps({"groups": len(b.groups), "weights_bytes": w, "variant": be.variant, "cuda_graphs": be.cuda_graphs,
-                  "host_rss_load_x": (r1 - r0) / w, "device_load_x": (f0 - f1) / w,
-                  "device_after_one_call_per_group_x": (f0 - f2) / w, "host_rss_after_x": (r2 - r0) / w}, indent=1))
+rep = {"groups": len(b.groups), "weights_bytes": w, "variant": be.variant, "cuda_graphs": be.cuda_graphs,
+       "host_rss_load_x": (r1 - r0) / w, "device_load_x": (f0 - f1) / w,
+       "device_after_one_call_per_group_x": (f0 - f2) / w, "host_rss_after_x": (r2 - r0) / w}
+print(json.dumps(rep, indent=1))
+open(sys.argv[2], "w").write(json.dumps(rep, indent=1))
 PY
 python3 -c "
 import json; m = json.load(open('$OUT/memory.json'))
@@ -105,8 +105,8 @@ print(f\"memory: {m['groups']} sessions, weights.bin {m['weights_bytes']/2**30:.
 # ---- 4. verify the cuda graphs against eager on the GPU (every group, every schedule t) ---------
 step "4. dyc verify --variant cuda --device cuda"
 for dt in $DTYPES; do
-  dyc verify /tmp/xl_${LAMBDA}_$dt.dyc --variant cuda --device cuda 2>&1 | tee "$OUT/verify_$dt.log" | tail -10
-  note "verify $dt: $(tail -1 "$OUT/verify_$dt.log")"
+  dyc verify /tmp/xl_${LAMBDA}_$dt.dyc --variant cuda --device cuda 2>&1 | tee /tmp/verify_$dt.log | tail -10
+  note "verify $dt (max-relative metric; SDT flips near the threshold count fully): $(tail -1 /tmp/verify_$dt.log)"
 done
 
 # ---- 5. dyc bench, side by side: eager, torch-static, torch, onnxruntime -------------------------
@@ -115,7 +115,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for dt in $DTYPES; do
     dyc bench "$CK" --batch "$BATCH" --steps 50 --sampler ddim --dtype bf16 \
       --backends eager,torch-static,torch,onnxruntime --bundle /tmp/xl_${LAMBDA}_$dt.dyc \
-      --json "$OUT/bench_ort_$dt.json" 2>&1 | tee "$OUT/bench_$dt.log" | tail -8
+      --json "$OUT/bench_ort_$dt.json" 2>&1 | tail -12
     python3 - "$OUT/bench_ort_$dt.json" "$dt" <<'PY' 2>&1 | tee -a "$SUMMARY"
 import json, sys
 rows = {r["backend"]: r for r in json.load(open(sys.argv[1]))["rows"]}
@@ -139,11 +139,11 @@ if [ "${SKIP_CPP:-0}" != 1 ]; then
     python3 -c "import numpy as np; np.save('/tmp/noise16.npy', np.random.default_rng(0).standard_normal(($BATCH, 4, 32, 32)).astype(np.float32))"
     CLASSES=$(python3 -c "print(','.join(str(i * 61 % 1000) for i in range($BATCH)))")
     dyc run "$B" --backend onnxruntime --device cuda --sampler ddim --steps 50 --cfg 4 --classes "$CLASSES" \
-      --noise /tmp/noise16.npy --save-latents /tmp/py_latents.npy -o /tmp/pyrun 2>&1 | tail -3 | tee "$OUT/cpp_vs_py.log"
+      --noise /tmp/noise16.npy --save-latents /tmp/py_latents.npy -o /tmp/pyrun 2>&1 | tail -3
     LD_LIBRARY_PATH="$CPP_LD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$DYC_SAMPLE" "$B" --device cuda \
       --custom-op-library "$DYC_ORT_OPS_LIB" --no-verify --sampler ddim --steps 50 --cfg 4 --classes "$CLASSES" \
-      --noise /tmp/noise16.npy --out /tmp/cpp_latents.npy --timing /tmp/cpp_timing.json 2>&1 | tail -3 | tee -a "$OUT/cpp_vs_py.log"
-    python3 - <<'PY' 2>&1 | tee -a "$OUT/cpp_vs_py.log" | tail -1 | tee -a "$SUMMARY"
+      --noise /tmp/noise16.npy --out /tmp/cpp_latents.npy --timing /tmp/cpp_timing.json 2>&1 | tail -3
+    python3 - <<'PY' 2>&1 | tail -1 | tee -a "$SUMMARY"
 import json, statistics, numpy as np
 a, b = np.load("/tmp/py_latents.npy"), np.load("/tmp/cpp_latents.npy")
 rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
@@ -158,3 +158,4 @@ PY
 fi
 
 echo; echo "==== summary"; cat "$SUMMARY"
+sleep 1  # let the log tee finish

@@ -74,6 +74,15 @@ def ops_library() -> Path | None:
     return next((p for p in cands if p.is_file()), None)
 
 
+def _bind_device_input(binding, name: str, index: int, onnx_type: int, shape: list[int], ptr: int) -> None:
+    try:  # onnx element types (bf16 included) where this onnxruntime takes them, else numpy's
+        binding.bind_input(name, "cuda", index, onnx_type, shape, ptr)
+    except TypeError:
+        if onnx_type not in _NP_OF_ONNX:
+            raise DycError("this onnxruntime cannot bind bfloat16 inputs (upgrade onnxruntime-gpu)") from None
+        binding.bind_input(name, "cuda", index, _NP_OF_ONNX[onnx_type], shape, ptr)
+
+
 @dataclass
 class _Bound:
     """A (group, batch) on CUDA: static input/output buffers bound once, and its CUDA graph's id."""
@@ -273,14 +282,17 @@ class OnnxRuntimeBackend(Backend):
         if self._weights is not None:
             base = self._weights.data_ptr()
             for r in grp.weights:
-                b.bind_input(r.name, dev, idx, r.onnx_type, list(r.shape), base + r.offset)
+                _bind_device_input(b, r.name, idx, r.onnx_type, list(r.shape), base + r.offset)
         bufs = {}
         with torch.cuda.stream(self._stream):
             for n, v in feeds.items():
                 bufs[n] = torch.empty_like(v)
-                b.bind_input(n, dev, idx, _ONNX_OF_TORCH[v.dtype], list(v.shape), bufs[n].data_ptr())
+                _bind_device_input(b, n, idx, _ONNX_OF_TORCH[v.dtype], list(v.shape), bufs[n].data_ptr())
             out = torch.empty((batch, *self._out_shape), dtype=self.output_type, device=self._device)
-        b.bind_output("out", dev, idx, _ONNX_OF_TORCH[out.dtype], list(out.shape), out.data_ptr())
+        try:
+            b.bind_output("out", dev, idx, _ONNX_OF_TORCH[out.dtype], list(out.shape), out.data_ptr())
+        except TypeError:
+            b.bind_output("out", dev, idx, _NP_OF_ONNX[_ONNX_OF_TORCH[out.dtype]], list(out.shape), out.data_ptr())
         ro = ort.RunOptions()
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")  # ordered by streams instead
         if self.cuda_graphs:
