@@ -7,6 +7,7 @@
 #   onnxruntime-gpu 1.31.1 in /tmp/site (../shared/tools/stage-wheels onnxruntime-gpu==1.31.1): PYTHONPATH
 #   build/sm90/lib/{libdyc_plugins.so,libdyc_ort_ops.so}   (cmake -S . -B build/sm90 -DDYC_CUDA_ARCHS=90a ...)
 #   build/engines-cuda/dyc_sample                           (cmake -S engines -B build/engines-cuda, CUDA on)
+#   .wheels-dyc/ where the machine lacks dyc's Python dependencies (as for bench/gpu_dydit.sh)
 # Knobs: DTYPES="fp16" (add bf16 for a second bundle), LAMBDA=0.5, BATCH=16, SKIP_BENCH=1, SKIP_CPP=1.
 # Time: ~1 min smoke tests, ~2 min synth + compile (DiT-XL/2), ~2-3 min bench, ~1 min C++ (about 6 min).
 set -u -o pipefail
@@ -25,6 +26,8 @@ dyc() { python3 -m dyc.cli "$@"; }
 # ---- 0. fail fast: the pieces this script cannot work without --------------------------------------
 step "0. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# dyc's own Python dependencies (click, onnx, safetensors, ...), as bench/gpu_dydit.sh brings them
+python3 -c "import click, onnx, safetensors" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
 for f in "$DYC_PLUGIN_LIB" "$DYC_ORT_OPS_LIB"; do
   [ -f "$f" ] || { echo "FATAL: $f missing: carry build/sm90/lib (built on the dev machine)" >&2; exit 2; }
 done
