@@ -34,7 +34,8 @@ from .fileio import read_bytes, read_text, sha256_bytes, sha256_file
 FORMAT = "dyc-bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-VARIANTS = ("std", "trt")
+VARIANTS = ("std", "trt", "cuda")
+REQUIRED_VARIANTS = ("std", "trt")  # bundles of dyc before the cuda variant have only these
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}  # bf16 masks: see mask_inputs
 
 
@@ -150,8 +151,8 @@ class Bundle:
                     if vary != any(mbits != union for mbits in masks):
                         raise self._fail(f"group {i} layer {l}: vary_{kind} flag is wrong")
             files = self.manifest["groups"][i].get("files", {})
-            if set(files) != set(VARIANTS):
-                raise self._fail(f"group {i}: files must name the variants {VARIANTS}")
+            if not set(REQUIRED_VARIANTS) <= set(files) <= set(VARIANTS):
+                raise self._fail(f"group {i}: files must name the variants {REQUIRED_VARIANTS} (and may name cuda)")
         if expect != NUM_T:
             raise self._fail(f"groups end at t={expect - 1}, not {NUM_T - 1}")
 
@@ -278,13 +279,20 @@ class Bundle:
         return out
 
     def onnx_path(self, group: GroupPlan | int, variant: str = "std") -> Path:
-        """The ONNX file of a group: ``std`` (standard ops) or ``trt`` (with ``dyc::SdtMlp``)."""
+        """The ONNX file of a group: ``std`` (standard ops), ``trt`` (``dyc::SdtMlp``) or ``cuda`` (ORT CUDA EP)."""
         if variant not in VARIANTS:
             raise DycError(f"unknown ONNX variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         idx = group.index if isinstance(group, GroupPlan) else int(group)
         if not 0 <= idx < len(self.groups):
             raise DycError(f"{self.path.name} has no group {idx} (it has {len(self.groups)})")
-        return self.path / self.manifest["groups"][idx]["files"][variant]
+        files = self.manifest["groups"][idx]["files"]
+        if variant not in files:
+            raise DycError(f"{self.path.name} has no {variant!r} graphs (compiled by an older dyc): recompile it")
+        return self.path / files[variant]
+
+    def has_variant(self, variant: str) -> bool:
+        """Whether every group has a graph of this variant (``cuda`` is absent from older bundles)."""
+        return all(variant in g["files"] for g in self.manifest["groups"])
 
 
 _GROUP_FIELDS = {f for f in GroupPlan.__dataclass_fields__}

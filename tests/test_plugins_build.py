@@ -213,3 +213,68 @@ def test_top_level_ctest_runs_the_engine_unit_tests(built_lib):
     r = subprocess.run(["ctest", "--test-dir", str(build), "-R", "^dyc_unit$", "--output-on-failure"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "100% tests passed" in r.stdout and "dyc_unit" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
+    """shared_channel_mask=1 reads row 0 of channel_mask for every image (the contract of the CUDA flag)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ops_lib = built_lib.parent / "libdyc_ort_ops.so"
+    if not ops_lib.is_file():
+        pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
+    from onnx import TensorProto, helper
+
+    ts, cm, gs = _inputs(b=3, n=6, c=24, groups=3, gs=8, seed=9, dtype=torch.float32)
+    cm[1:] = 1 - cm[0]  # other rows differ from row 0: only row 0 may be read
+    cm[:, 0] = 1
+    names = ["x", "shift", "scale", "gate", "keep", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "channel_mask"]
+    feeds = {n: t.numpy() for n, t in zip(names, [*ts, cm], strict=True)}
+    node = helper.make_node("SdtMlp", names, ["y"], domain="dyc", group_size=gs, eps=1e-6, shared_channel_mask=1)
+    graph = helper.make_graph(
+        [node], "sdt", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds[n].shape)) for n in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(ops_lib))
+    (y,) = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = K.sdt_mlp_reference(*ts, channel_mask=cm[:1].expand_as(cm), group_size=gs)
+    torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cuda_graphs_of_a_dydit_run_on_the_cpu(built_lib, tmp_path):
+    """The bundle's cuda graphs (dyc::SdtMlp with a shared mask, MultiHeadAttention) through the onnxruntime
+    backend on the CPU, fp32, every group against the eager model: the maths the CUDA EP runs."""
+    pytest.importorskip("onnxruntime")
+    ops_lib = built_lib.parent / "libdyc_ort_ops.so"
+    if not ops_lib.is_file():
+        pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
+    from runtime_fixtures import tame_config, tame_model
+
+    from dyc.backends.onnxruntime import OnnxRuntimeBackend
+    from dyc.bundle import Bundle
+    from dyc.checkpoint import save_checkpoint
+    from dyc.compiler.compile import compile_checkpoint
+    from dyc.compiler.verify import verify_bundle
+
+    model = tame_model(tame_config(), seed=1)  # bounded outputs: fp32 rounding stays at fp32 level
+    ck = save_checkpoint(model, tmp_path / "m.safetensors")
+    b = Bundle.load(compile_checkpoint(ck, tmp_path / "m.dyc", groups=3, calib=1, calib_steps=2).path)
+    assert any(g.needs_channel_mask for g in b.groups)  # the shared-mask path is exercised
+    be = OnnxRuntimeBackend(b, variant="cuda", custom_ops=ops_lib)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 4, 10])
+    for g in b.groups:
+        for t in (g.t_lo, g.t_hi):
+            feeds = {"x": x, "t": torch.full((3,), t), "y": y}
+            feeds.update({k: torch.from_numpy(v) for k, v in b.mask_inputs(t, 3).items()})
+            out = be.run_group(g.index, feeds)
+            with torch.no_grad():
+                ref = model(x, torch.full((3,), t), y, threshold_offset=b.threshold_offset)
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4, (g.index, t)
+    os.environ["DYC_ORT_OPS_LIB"] = str(ops_lib)
+    try:
+        assert verify_bundle(b, variant="cuda").ok  # dyc verify --variant cuda on the CPU
+    finally:
+        del os.environ["DYC_ORT_OPS_LIB"]

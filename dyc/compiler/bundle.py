@@ -135,8 +135,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def group_file(index: int, variant: str, dynamic: bool) -> str:
-    # a plain DiT has no SDT: the two variants would be identical graphs, so both name one file
-    if variant == "std" or not dynamic:
+    # a plain DiT has no SDT: std and trt would be identical graphs, so both name one file
+    if variant == "std" or (variant == "trt" and not dynamic):
         return f"group{index}.onnx"
     return f"group{index}.{variant}.onnx"
 
@@ -181,7 +181,9 @@ def build_manifest(plan: Plan, cfg: ModelConfig, files: Mapping[str, dict], grou
         "groups": groups,
         "onnx": {"opset": 17, "custom_domain": "dyc", "variants": {
             "std": "SDT decomposed into standard ops (ONNX Runtime, any runtime)",
-            "trt": "SDT as custom op dyc::SdtMlp (TensorRT plugin)"}, "weights_file": WEIGHTS_FILE},
+            "trt": "SDT as custom op dyc::SdtMlp (TensorRT plugin)",
+            "cuda": "ONNX Runtime CUDA EP: dyc::SdtMlp (libdyc_ort_ops), com.microsoft MultiHeadAttention"},
+            "weights_file": WEIGHTS_FILE},
         "files": dict(files),
         "tools": tool_versions(),
     }
@@ -206,7 +208,7 @@ def write_bundle(
     out: str | os.PathLike, plan: Plan, cfg: ModelConfig, sd: Mapping[str, torch.Tensor], keep: np.ndarray,
     source: Mapping, progress: Progress | None = None,
 ) -> tuple[Path, dict]:
-    """Export every group (both variants), write weights + manifest, move into place atomically."""
+    """Export every group (every variant), write weights + manifest, move into place atomically."""
     out = Path(out)
     inputs = (source["path"],) if source.get("path") else ()
     check_output(out, inputs)

@@ -85,14 +85,17 @@ def compile_cmd(checkpoint: str, lambda_: float | None, groups: int | None, samp
 @click.option("--tolerance", type=float, default=None,
               help="fixed relative error bound (default: max(1e-5 fp32 / 1e-2 fp16, 10 × the eager model's own "
                    "error in the bundle dtype), against the eager model in float64)")
+@click.option("--variant", type=click.Choice(["std", "trt", "cuda"]), default="std", show_default=True,
+              help="which graphs: std (standard ops), trt (dyc::SdtMlp), cuda (ONNX Runtime CUDA EP graphs)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda[:i] (onnxruntime-gpu)")
 def verify_cmd(bundle: str, checkpoint: str | None, as_json: bool, batch: int, seed: int,
-               tolerance: float | None) -> None:
-    """Run every group's ONNX through ONNX Runtime (CPU) against the float64 eager model; exit 1 above tolerance."""
+               tolerance: float | None, variant: str, device: str) -> None:
+    """Run every group's ONNX through ONNX Runtime against the float64 eager model; exit 1 above tolerance."""
     from .verify import verify_bundle
 
     log = _progress_log()
     rep = verify_bundle(bundle, checkpoint, batch=batch, seed=seed, tolerance=tolerance,
-                        progress=None if as_json else log)
+                        progress=None if as_json else log, variant=variant, device=device)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
     if not rep.ok:  # out of tolerance: exit 1, like any other bad input
         click.get_current_context().exit(1)

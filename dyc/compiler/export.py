@@ -54,7 +54,7 @@ OPSET = 17
 CUSTOM_DOMAIN = "dyc"
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # page-aligned offsets let runtimes mmap external data
-VARIANTS = ("std", "trt")
+VARIANTS = ("std", "trt", "cuda")  # cuda: export_cuda.build_cuda_graph
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "fp32": (torch.float32, TensorProto.FLOAT),
@@ -230,6 +230,10 @@ def build_graph(
     """
     if variant not in VARIANTS:
         raise DycError(f"unknown ONNX variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    if variant == "cuda":
+        from .export_cuda import build_cuda_graph
+
+        return build_cuda_graph(cfg, sd, group, store, orders)
     g = _Graph(store.onnx_dtype)
     dt = store.onnx_dtype
     c, n, p, d = cfg.hidden_size, cfg.num_tokens, cfg.patch_size, cfg.head_dim

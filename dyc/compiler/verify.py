@@ -1,4 +1,4 @@
-"""``dyc verify``: every group's standard-op ONNX (ONNX Runtime, CPU) against the exact eager model.
+"""``dyc verify``: every group's ONNX (standard ops on ONNX Runtime's CPU EP by default) against the exact eager model.
 
 For each group, at every t of the bundle's schedule that falls in it (a group that holds no
 schedule step is checked at its first t), random latents and labels (the null class included)
@@ -124,9 +124,14 @@ def _rel(out: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def verify_bundle(
     bundle: Bundle | str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, batch: int = 2,
-    seed: int = 0, tolerance: float | None = None, progress: Progress | None = None,
+    seed: int = 0, tolerance: float | None = None, progress: Progress | None = None, variant: str = "std",
+    device: str = "cpu",
 ) -> VerifyReport:
-    """Check every group of a bundle against the float64 eager model of its source checkpoint."""
+    """Check every group of a bundle against the float64 eager model of its source checkpoint.
+
+    ``variant``/``device`` other than std/cpu run the graphs through the onnxruntime backend (the
+    ``cuda`` graphs on the CPU need fp32 and ``libdyc_ort_ops.so``; on CUDA fp16 and bf16 too).
+    """
     from ..ort_session import bundle_session
 
     if batch < 1:
@@ -135,7 +140,15 @@ def verify_bundle(
         raise UsageError(f"--tolerance must be a positive number, got {tolerance}")
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
-    if bundle.dtype == "bf16":
+    backend = None
+    if (variant, device) != ("std", "cpu"):
+        from ..backends.onnxruntime import OnnxRuntimeBackend
+
+        if device == "cpu" and bundle.dtype != "fp32":
+            raise DycError(f"the {variant!r} graphs of a {bundle.dtype} bundle verify on CUDA only (ONNX Runtime's "
+                           "CPU kernels of their operators are fp32): --device cuda, or a --dtype fp32 bundle")
+        backend = OnnxRuntimeBackend(bundle, device=device, variant=variant)
+    elif bundle.dtype == "bf16":
         _to_ort(np.zeros(1), "bf16")  # the clear "no bf16 on ORT CPU" error, before any work
     model = _load_source(bundle, checkpoint)
     cfg, offset = bundle.config, bundle.threshold_offset
@@ -149,7 +162,7 @@ def verify_bundle(
     checks = []
     for g in bundle.groups:
         ts = [t for t in schedule if g.contains(t)] or [g.t_lo]
-        sess = bundle_session(bundle, g, "std", weights=weights)
+        sess = bundle_session(bundle, g, "std", weights=weights) if backend is None else None
         max_abs = max_rel = eager_rel = 0.0
         for t in ts:
             x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
@@ -163,9 +176,14 @@ def verify_bundle(
                 ref = ref_model(x.double(), tt, y, threshold_offset=offset, tdw_masks=masks).numpy()
                 dt = dt_model(x.to(_TORCH[bundle.dtype]), tt, y, threshold_offset=offset,
                               tdw_masks=None if masks is None else tuple(m.to(_TORCH[bundle.dtype]) for m in masks))
-            feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(), "y": y.numpy()}
-            feeds.update({k: _to_ort(v, bundle.dtype) for k, v in bundle.mask_inputs(t, batch).items()})
-            out = sess.run(None, feeds)[0].astype(np.float64)
+            if backend is None:
+                feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(), "y": y.numpy()}
+                feeds.update({k: _to_ort(v, bundle.dtype) for k, v in bundle.mask_inputs(t, batch).items()})
+                out = sess.run(None, feeds)[0].astype(np.float64)
+            else:
+                feeds = {"x": x, "t": tt, "y": y}
+                feeds.update({k: torch.from_numpy(v) for k, v in bundle.mask_inputs(t, batch).items()})
+                out = backend.run_group(g.index, feeds).double().cpu().numpy()
             abs_err, rel = _rel(out, ref)
             max_abs, max_rel = max(max_abs, float(abs_err.max())), max(max_rel, float(rel.max()))
             eager_rel = max(eager_rel, float(_rel(dt.double().numpy(), ref)[1].max()))

@@ -7,6 +7,7 @@
 // Errors are one line on stderr and exit status 1 (2 for a bad command line).
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <random>
 #include <string>
@@ -17,11 +18,23 @@
 
 namespace {
 
+// Peak resident set of this process (Linux: VmHWM, which starts afresh at exec), -1 elsewhere.
+long long peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
 constexpr const char* kUsage =
     "usage: dyc_sample BUNDLE [--sampler ddim|dpm-solver++] [--steps N] [--cfg S] [--cfg-official]\n"
     "                  --classes C1,C2,... [--noise NOISE.npy | --seed N] --out LATENTS.npy\n"
     "                  [--engine onnxruntime|tensorrt] [--threads N] [--no-verify]\n"
-    "                  [--custom-op-library LIB.so] [--plugin-library LIB.so] [--quiet]\n";
+    "                  [--custom-op-library LIB.so] [--plugin-library LIB.so] [--quiet]\n"
+    "                  [--device cpu|cuda[:I]] [--variant std|trt|cuda] [--no-cuda-graphs] [--no-share-weights]\n"
+    "                  [--timing TIMES.json]\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -63,7 +76,7 @@ int to_int(const std::string& flag, const std::string& v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string bundle_dir, noise_path, out_path, engine_name = "onnxruntime", classes_arg;
+  std::string bundle_dir, noise_path, out_path, engine_name = "onnxruntime", classes_arg, timing_path;
   dyc::SampleOptions opt;
   opt.cfg_scale = 4.0f;  // the defaults of `dyc run`: cfg 4, 50 DDIM / 20 DPM-Solver++ steps
   int steps = 0;
@@ -118,6 +131,31 @@ int main(int argc, char** argv) {
         ort.custom_op_library = value();
       } else if (a == "--plugin-library") {
         trt.plugin_library = value();
+      } else if (a == "--device") {
+        const std::string d = value();
+        if (d == "cpu") {
+          ort.cuda = false;
+        } else if (d.rfind("cuda", 0) == 0) {
+          ort.cuda = true;
+          if (d.size() > 4) {
+            if (d[4] != ':') throw UsageError("--device: '" + d + "' is not cpu or cuda[:I]");
+            try {
+              ort.device = std::stoi(d.substr(5));
+            } catch (const std::exception&) {
+              throw UsageError("--device: '" + d + "' is not cpu or cuda[:I]");
+            }
+          }
+        } else {
+          throw UsageError("--device: '" + d + "' is not cpu or cuda[:I]");
+        }
+      } else if (a == "--variant") {
+        ort.variant = value();
+      } else if (a == "--no-cuda-graphs") {
+        ort.cuda_graphs = false;
+      } else if (a == "--no-share-weights") {
+        ort.share_weights = false;
+      } else if (a == "--timing") {
+        timing_path = value();
       } else if (a == "--quiet") {
         quiet = true;
       } else if (!a.empty() && a[0] == '-') {
@@ -160,13 +198,28 @@ int main(int argc, char** argv) {
     }
     std::unique_ptr<dyc::Engine> engine =
         engine_name == "tensorrt" ? dyc::make_tensorrt_engine(bundle, trt) : dyc::make_onnxruntime_engine(bundle, ort);
-    if (!quiet && isatty(STDERR_FILENO)) {  // a progress line for people, nothing in logs
-      opt.on_step = [&](std::size_t i, int t, int group) {
+    const bool show = !quiet && isatty(STDERR_FILENO);  // a progress line for people, nothing in logs
+    std::vector<double> step_ms;  // wall time of each step: engine call(s) and sampler update
+    auto last = std::chrono::steady_clock::now();
+    const auto load_ms = std::chrono::duration<double, std::milli>(last - t0).count();
+    opt.on_step = [&](std::size_t i, int t, int group) {
+      const auto now = std::chrono::steady_clock::now();
+      step_ms.push_back(std::chrono::duration<double, std::milli>(now - last).count());
+      last = now;
+      if (show) {
         std::cerr << "\rstep " << (i + 1) << "/" << opt.steps << " t=" << t << " group " << group << "   " << std::flush;
         progress_shown = true;
-      };
-    }
+      }
+    };
     const dyc::Tensor latents = dyc::sample(*engine, bundle, noise, classes, opt);
+    if (!timing_path.empty()) {
+      std::ofstream f(timing_path);
+      f << "{\"engine\": \"" << engine->name() << "\", \"load_ms\": " << load_ms
+        << ", \"peak_rss_bytes\": " << peak_rss_bytes() << ", \"step_ms\": [";
+      for (std::size_t i = 0; i < step_ms.size(); ++i) f << (i ? ", " : "") << step_ms[i];
+      f << "]}\n";
+      if (!f) throw dyc::Error("cannot write " + timing_path);
+    }
     dyc::write_npy(out_path, latents);
     if (!quiet) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -2,6 +2,7 @@
 // with the same messages where possible, so a bundle that Python refuses is refused here too.
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -20,7 +21,6 @@ namespace {
 
 constexpr const char* kFormat = "dyc-bundle";
 constexpr const char* kManifest = "manifest.json";
-const char* const kVariants[] = {"std", "trt"};
 
 struct Architecture {
   std::vector<std::uint64_t> head, channel;  // bitmask per layer, bit h = unit h on
@@ -46,6 +46,7 @@ struct Bundle::Impl {
   std::vector<int> arch_of_t;
   std::vector<int> group_of_t;  // t -> index into groups
   std::string manifest_sha256;
+  std::map<std::string, Bundle::FileInfo> files;
 
   BundleError fail(const std::string& what) const {
     return BundleError((path / kManifest).string() + ": inconsistent manifest: " + what);
@@ -168,11 +169,15 @@ Bundle Bundle::load(const fs::path& dir, bool verify_checksums) {
       out.needs_channel_mask = takes("channel_mask", out.vary_channel);
       const json& files = g.at("files");
       for (auto it = files.begin(); it != files.end(); ++it) group_files.push_back(it.value().get<std::string>());
-      if (files.size() != 2 || !files.contains("std") || !files.contains("trt")) {
-        throw b->fail("group " + std::to_string(b->groups.size()) + ": files must name the variants ('std', 'trt')");
+      // std and trt always; cuda in bundles of a dyc that writes it (as dyc/bundle.py)
+      const bool extra_ok = files.size() == 2 || (files.size() == 3 && files.contains("cuda"));
+      if (!extra_ok || !files.contains("std") || !files.contains("trt")) {
+        throw b->fail("group " + std::to_string(b->groups.size()) +
+                      ": files must name the variants ('std', 'trt') (and may name cuda)");
       }
       out.onnx_std = dir / files.at("std").get<std::string>();
       out.onnx_trt = dir / files.at("trt").get<std::string>();
+      if (files.contains("cuda")) out.onnx_cuda = dir / files.at("cuda").get<std::string>();
       b->groups.push_back(std::move(out));
     }
   } catch (const json::exception& e) {
@@ -282,9 +287,11 @@ Bundle Bundle::load(const fs::path& dir, bool verify_checksums) {
         throw BundleError(dir.string() + ": bundle file " + name + " has " + std::to_string(size) +
                           " bytes, expected " + std::to_string(want));
       }
-      if (verify_checksums && detail::sha256_file(p) != it.value().at("sha256").get<std::string>()) {
+      const std::string sha = it.value().at("sha256").get<std::string>();
+      if (verify_checksums && detail::sha256_file(p) != sha) {
         throw BundleError(dir.string() + ": bundle file " + name + " was altered (sha256 mismatch)");
       }
+      b->files[name] = {want, sha};
     }
   } catch (const json::exception& e) {
     throw BundleError(mname + ": malformed manifest (" + e.what() + ")");
@@ -297,6 +304,14 @@ const ModelConfig& Bundle::config() const { return impl_->config; }
 Dtype Bundle::dtype() const { return impl_->dtype; }
 const std::vector<Group>& Bundle::groups() const { return impl_->groups; }
 const std::string& Bundle::manifest_sha256() const { return impl_->manifest_sha256; }
+
+Bundle::FileInfo Bundle::file_info(const std::string& name) const {
+  const auto it = impl_->files.find(name);
+  if (it == impl_->files.end()) {
+    throw BundleError(impl_->path.string() + ": " + name + " is not in the manifest's file table");
+  }
+  return it->second;
+}
 
 const Group& Bundle::group_for_t(int t) const {
   if (t < 0 || t >= kNumTrainTimesteps) {

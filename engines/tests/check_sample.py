@@ -7,6 +7,11 @@ Each sampling case runs ``dyc run --noise ... --save-latents`` and ``dyc_sample`
 noise and compares the final latents: max |diff| <= 1e-5 (latents of magnitude ~4; both run the same ONNX
 Runtime, so what differs is float32 rounding in the samplers' arithmetic: measured 0 to 1.1e-6).
 The bad-bundle cases damage a copy of the bundle and check that ``dyc_sample`` fails with a clear one-line message.
+``shared_weights``
+compiles an 8-group bundle over a ~350 MB weights file and checks that ``dyc_sample``'s peak
+resident memory grows by at most 1.2x the weights file over a run on the tiny bundle (all group
+sessions over one copy), and by more than 2x with ``--no-share-weights`` (ONNX Runtime's own
+copies: the measurement tells them apart).
 
     python check_sample.py CASE --repo REPO --work WORK --dyc-sample PATH/dyc_sample
 """
@@ -101,6 +106,59 @@ def sample_case(args: argparse.Namespace, case: str) -> None:
         sys.exit(f"{case}: latents differ by {err:.3g} > {TOL}")
 
 
+def _peak_rss(cmd: list[str], timing: Path) -> int:
+    """Peak resident bytes of one dyc_sample run, as it reports them (VmHWM: rusage's maxrss would
+    carry over the RSS of this Python process across fork + exec)."""
+    must(subprocess.run([*cmd, "--timing", str(timing)], capture_output=True, text=True), "dyc_sample")
+    peak = json.loads(timing.read_text())["peak_rss_bytes"]
+    if peak < 0:
+        sys.exit("dyc_sample cannot read its peak RSS on this system")
+    return peak
+
+
+def shared_weights_case(args: argparse.Namespace) -> None:
+    import torch
+
+    from dyc.checkpoint import save_checkpoint
+    from dyc.config import ModelConfig
+    from dyc.model import DyDiT
+
+    work = args.work
+    big = work / "big.dyc"
+    if not big.exists():
+        torch.manual_seed(0)
+        cfg = ModelConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=512, depth=8, num_heads=8,
+                          num_classes=10)
+        model = DyDiT(cfg).eval()
+        with torch.no_grad():  # random routers: every t its own architecture, 8 groups
+            for name, p in model.named_parameters():
+                if name != "pos_embed":
+                    p.normal_(0.0, 3.0 if "_rate.router" in name else 0.05)
+        save_checkpoint(model, work / "big.safetensors")
+        must(dyc_cli(args, "compile", "big.safetensors", "-o", big.name, "--groups", "8", "--calib", "1",
+                     "--calib-steps", "2"), "dyc compile")
+    weights = (big / "weights.bin").stat().st_size
+    groups = len(json.loads((big / "manifest.json").read_text())["groups"])
+
+    def run(bundle: Path, *extra: str) -> int:
+        return _peak_rss([str(args.dyc_sample), str(bundle), "--classes", CLASSES, "--noise", str(work / "noise.npy"),
+                          "--steps", "2", "--cfg", "1", "--out", str(work / "rss.npy"), "--quiet", *extra],
+                         work / "rss.json")
+
+    base = run(work / "tiny.dyc")
+    shared = run(big) - base
+    owned = run(big, "--no-share-weights") - base
+    print(f"{groups} groups, weights.bin {weights / 1e6:.0f} MB: peak RSS over the tiny bundle's "
+          f"{shared / 1e6:.0f} MB shared ({shared / weights:.2f}x), "
+          f"{owned / 1e6:.0f} MB owned ({owned / weights:.2f}x)")
+    if groups < 4 or weights < 300e6:
+        sys.exit("the test bundle is too small to tell copies apart")
+    if shared > 1.2 * weights:
+        sys.exit(f"shared weights: peak RSS grew {shared / weights:.2f}x the weights file (> 1.2x)")
+    if owned < 2.0 * weights:
+        sys.exit(f"owned weights grew only {owned / weights:.2f}x: the measurement cannot tell copies apart")
+
+
 def broken_copy(args: argparse.Namespace, name: str) -> Path:
     dst = args.work / f"{name}.dyc"
     if dst.exists():
@@ -164,6 +222,8 @@ def main() -> None:
         setup(args)
     elif args.case in SAMPLING:
         sample_case(args, args.case)
+    elif args.case == "shared_weights":
+        shared_weights_case(args)
     else:
         bad_case(args, args.case)
     print("ok")

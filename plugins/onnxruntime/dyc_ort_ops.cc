@@ -4,7 +4,12 @@
 //
 // Node: domain "dyc", op "SdtMlp", inputs (x, shift, scale, gate, keep, fc1_w, fc1_b, fc2_w, fc2_b,
 // [channel_mask]) all of one element type, output y (shape of x); attributes group_size (int,
-// default: hidden / channel_mask groups, or hidden) and eps (float, default 1e-6).
+// default: hidden / channel_mask groups, or hidden), eps (float, default 1e-6) and
+// shared_channel_mask (int, default 0; 1: every row of channel_mask is the same, the row of the one
+// timestep a sampler call runs, so only row 0 is read: DYC_SDT_MLP_FLAG_SHARED_CHANNEL_MASK).
+//
+// The CUDA kernel allocates nothing but its workspace, from ORT's allocator on ORT's compute
+// stream, and never waits for the device: it runs inside ORT's CUDA graphs (enable_cuda_graph).
 //
 // CUDA EP: float, float16 and bfloat16 kernels, all through the C ABI of libdyc_plugins
 // (dyc_sdt_mlp_forward) on ORT's compute stream with scratch from ORT's allocator.
@@ -32,6 +37,7 @@ constexpr size_t kNumInputs = 10;
 struct Attrs {
   int64_t group_size = 0;  // 0: derive from the inputs
   float eps = 1e-6f;
+  bool shared_mask = false;  // channel_mask rows are all equal: read row 0
 };
 
 Attrs read_attrs(const OrtKernelInfo* info) {
@@ -43,6 +49,10 @@ Attrs read_attrs(const OrtKernelInfo* info) {
   }
   try {
     a.eps = ki.GetAttribute<float>("eps");
+  } catch (const Ort::Exception&) {
+  }
+  try {
+    a.shared_mask = ki.GetAttribute<int64_t>("shared_channel_mask") != 0;
   } catch (const Ort::Exception&) {
   }
   return a;
@@ -113,7 +123,9 @@ struct SdtMlpCudaKernel {
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int st = dyc_sdt_mlp_forward(dtype, ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5), ptr(6), ptr(7), ptr(8),
                                        d.has_mask ? ptr(9) : nullptr, y.GetTensorMutableRawData(), d.B, d.N, d.C,
-                                       d.Hs, d.gs, 0, at.eps, ws, ws_bytes, 0u, stream);
+                                       d.Hs, d.gs, 0, at.eps, ws, ws_bytes,
+                                       d.has_mask && at.shared_mask ? DYC_SDT_MLP_FLAG_SHARED_CHANNEL_MASK : 0u,
+                                       stream);
     if (raw) alloc->Free(alloc, raw);
     if (st != DYC_STATUS_OK)
       ORT_CXX_API_THROW(std::string("SdtMlp: dyc_sdt_mlp_forward: ") + dyc_sdt_mlp_status_string(st), ORT_FAIL);
@@ -152,7 +164,7 @@ struct SdtMlpCpuKernel {
         for (int64_t j = 0; j < d.Hs; ++j) {
           double s = b1[j];
           for (int64_t c = 0; c < d.C; ++c) s += static_cast<double>(w1[j * d.C + c]) * a[c];
-          const double m = cm ? cm[b * G + j / d.gs] : 1.0;
+          const double m = cm ? cm[(at.shared_mask ? 0 : b) * G + j / d.gs] : 1.0;
           const double v = s * m;
           h[j] = static_cast<float>(0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))));
         }

@@ -95,8 +95,9 @@ struct Group {
   bool needs_head_mask = false;               ///< the graph takes `head_mask` [B, L, head_slots]
   bool needs_channel_mask = false;            ///< the graph takes `channel_mask` [B, L, channel_slots]
   int head_slots = 0, channel_slots = 0;
-  std::filesystem::path onnx_std;  ///< ONNX with standard ops only (SDT decomposed)
-  std::filesystem::path onnx_trt;  ///< ONNX with the dyc::SdtMlp custom op
+  std::filesystem::path onnx_std;   ///< ONNX with standard ops only (SDT decomposed)
+  std::filesystem::path onnx_trt;   ///< ONNX with the dyc::SdtMlp custom op
+  std::filesystem::path onnx_cuda;  ///< ONNX Runtime CUDA EP graph (empty in bundles of older dyc)
 
   bool contains(int t) const { return t_lo <= t && t <= t_hi; }
 };
@@ -116,6 +117,13 @@ class Bundle {
   const std::vector<Group>& groups() const;
   /// The manifest's self-checksum: identifies this compile (TensorRT plans record it).
   const std::string& manifest_sha256() const;
+
+  /// A file of the manifest's file table: its size and sha256 (throws BundleError if not listed).
+  struct FileInfo {
+    std::uint64_t bytes = 0;
+    std::string sha256;
+  };
+  FileInfo file_info(const std::string& name) const;
 
   /// The group whose t-interval holds original timestep t (0..999); throws Error otherwise.
   const Group& group_for_t(int t) const;
@@ -158,12 +166,21 @@ bool has_tensorrt();
 
 struct OnnxRuntimeOptions {
   int intra_op_threads = 0;  ///< 0: ONNX Runtime's default
-  /// Use the `trt` graphs (custom op dyc::SdtMlp) with this custom-op library; empty: the `std`
-  /// graphs, which need nothing but ONNX Runtime.
+  /// libdyc_ort_ops.so (custom op dyc::SdtMlp): needed by the `trt` graphs and by the `cuda` graphs
+  /// of a DyDiT.
   std::filesystem::path custom_op_library;
-  bool cuda = false;  ///< append the CUDA execution provider (needs an onnxruntime-gpu build)
+  /// "std", "trt" or "cuda"; empty: "cuda" on CUDA when the bundle has it (and the library is
+  /// given for a DyDiT), "trt" when a custom-op library is given, else "std".
+  std::string variant;
+  bool cuda = false;  ///< the CUDA execution provider (needs an onnxruntime-gpu build and a CUDA build of dyc)
+  int device = 0;     ///< CUDA device
+  bool cuda_graphs = true;  ///< CUDA: ONNX Runtime captures one CUDA graph per (group, batch) and replays it
+  /// One copy of weights.bin for every group session (the weights become graph inputs bound to
+  /// views of it); false: each session owns its weights (K copies; on the CPU, pre-packed GEMMs).
+  bool share_weights = true;
 };
-/// Opens one ONNX Runtime session per group (throws Error if built without ONNX Runtime).
+/// Opens one ONNX Runtime session per group (throws Error if built without ONNX Runtime). Every
+/// graph and weights.bin are read once and checked against the manifest's sha256 on the bytes used.
 std::unique_ptr<Engine> make_onnxruntime_engine(const Bundle& bundle, const OnnxRuntimeOptions& options = {});
 
 struct TensorRTOptions {

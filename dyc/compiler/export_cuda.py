@@ -1,0 +1,206 @@
+"""The ``cuda`` variant of a group's graph: ONNX Runtime's CUDA execution provider, fast.
+
+Same interface and semantics as the ``std`` graph (``export.build_graph``), other operators:
+
+* SDT is ``dyc::SdtMlp`` (the plugin's CUDA kernel through the ONNX Runtime custom-op library
+  ``libdyc_ort_ops.so``), with ``shared_channel_mask=1``: a sampler call runs one timestep, so
+  every row of ``channel_mask`` is the same and GEMM1 runs as one plain GEMM;
+* attention is ``com.microsoft.MultiHeadAttention`` on the packed QKV ([B, N, heads, 3, Dh]: the
+  head-major rows of the stored qkv weight are already that layout), i.e. flash attention on
+  sm80+ for fp16/bf16; ONNX Runtime's CPU kernel and its fp32 CUDA fallbacks lack the packed form,
+  so fp32 graphs take Q, K, V apart (``cpu_form``, also applied to fp16 graphs for checks on the CPU);
+* patchify is a GEMM on the conv weight's bytes seen as [C, C_in·p·p] (no cuDNN, and bf16 works);
+* the plain DiT's MLP uses ``com.microsoft.FastGelu`` (tanh GELU in one kernel).
+
+Every weight references the tensor the ``std`` graph stores (same key in ``weights.bin``), so
+this variant adds no byte to the bundle's weights. Shapes are static per (group, batch) and no
+node needs the host, which CUDA graphs require.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..config import ModelConfig
+from ..model import FREQ_DIM
+from .export import CUSTOM_DOMAIN, OPSET, WeightStore, _Graph, _layernorm, _linear, _mask_slice, _modulate, _silu
+from .plan import GroupPlan
+from .slice import engine_tensor, is_prefix
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _gated_residual(g: _Graph, x: str, gate: str, y: str) -> str:
+    return g.op("Add", [x, g.op("Mul", [g.op("Unsqueeze", [gate, g.i64([1])]), y])])
+
+
+def build_cuda_graph(
+    cfg: ModelConfig, sd: Mapping[str, torch.Tensor], group: GroupPlan, store: WeightStore,
+    orders: tuple[list[list[int]], list[list[int]]] | None = None,
+) -> onnx.ModelProto:
+    """The ``cuda`` ONNX model of one group's engine (interface of ``export.build_graph``)."""
+    g = _Graph(store.onnx_dtype)
+    dt = store.onnx_dtype
+    c, n, p, d = cfg.hidden_size, cfg.num_tokens, cfg.patch_size, cfg.head_dim
+    grid, oc, cin = cfg.input_size // p, cfg.out_channels, cfg.in_channels
+    inits: dict[str, TensorProto] = {}
+
+    def w(name: str) -> TensorProto:
+        if name not in inits:
+            inits[name] = store.ref(name, name, lambda: sd[name])
+        return inits[name]
+
+    inputs = [
+        helper.make_tensor_value_info("x", dt, ["batch", cin, cfg.input_size, cfg.input_size]),
+        helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"]),
+    ]
+    if group.needs_head_mask:
+        inputs.append(helper.make_tensor_value_info("head_mask", dt, ["batch", cfg.depth, group.head_slots]))
+    if group.needs_channel_mask:
+        inputs.append(helper.make_tensor_value_info("channel_mask", dt, ["batch", cfg.depth, group.channel_slots]))
+
+    # ---- embeddings: patchify as a GEMM over [B·N, C_in·p·p] rows ---------------------------
+    g.scope = "embed"
+    conv_w = w("x_embedder.proj.weight")  # stored [C, C_in, p, p]: the same bytes as [C, C_in·p·p]
+    del conv_w.dims[:]
+    conv_w.dims.extend([c, cin * p * p])
+    xp = g.op("Reshape", ["x", g.i64([-1, cin, grid, p, grid, p])])
+    xp = g.op("Reshape", [g.op("Transpose", [xp], perm=[0, 2, 4, 1, 3, 5]), g.i64([-1, cin * p * p])])
+    xe = g.op("Reshape", [_linear(g, xp, conv_w, w("x_embedder.proj.bias")), g.i64([-1, n, c])])
+    x = g.op("Add", [xe, w("pos_embed").name])
+    half = FREQ_DIM // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    tf = g.op("Unsqueeze", [g.op("Cast", ["t"], to=TensorProto.FLOAT), g.i64([1])])
+    args = g.op("Mul", [tf, g.const(freqs.numpy()[None], TensorProto.FLOAT)])
+    temb = g.op("Concat", [g.op("Cos", [args]), g.op("Sin", [args])], axis=1)
+    if dt != TensorProto.FLOAT:
+        temb = g.op("Cast", [temb], to=dt)
+    temb = _silu(g, _linear(g, temb, w("t_embedder.mlp.0.weight"), w("t_embedder.mlp.0.bias")))
+    temb = _linear(g, temb, w("t_embedder.mlp.2.weight"), w("t_embedder.mlp.2.bias"))
+    yemb = g.op("Gather", [w("y_embedder.embedding_table.weight").name, "y"], axis=0)
+    cond = _silu(g, g.op("Add", [temb, yemb]))
+
+    for l in range(cfg.depth):
+        pre = f"blocks.{l}."
+        heads, chans = group.heads[l], group.channels[l]
+        hn, gn = len(heads), len(chans)
+        h_order = orders[0][l] if orders else heads
+        c_order = orders[1][l] if orders else chans
+
+        def sw(name: str, what: str, units: list[int], order: list[int], rows_per_unit: int | None,
+               _l=l) -> TensorProto:
+            """The tensor ``export.build_graph`` stores for this slice (same key: no new bytes)."""
+            if name in inits:
+                return inits[name]
+            prefix = bool(rows_per_unit) and is_prefix(units, order)
+            key = f"blocks.{_l}.{what}[{','.join(map(str, order if prefix else units))}]"
+            if prefix:
+                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, order), len(units) * rows_per_unit)
+            else:
+                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, units))
+            inits[name] = tp
+            return tp
+
+        g.scope = pre + "adaLN"
+        mod = _linear(g, cond, w(pre + "adaLN_modulation.1.weight"), w(pre + "adaLN_modulation.1.bias"))
+        shift1, scale1, gate1, shift2, scale2, gate2 = g.op("Split", [mod, g.i64([c] * 6)], n_out=6, axis=1)
+
+        g.scope = pre + "attn"
+        h = _modulate(g, _layernorm(g, x, c), shift1, scale1)
+        qkv_w = sw(pre + "attn.qkv.weight", "qkv_w", heads, h_order, 3 * d)  # rows [hn, 3, Dh]
+        qkv_b = sw(pre + "attn.qkv.bias", "qkv_b", heads, h_order, 3 * d)
+        qkv = _linear(g, g.op("Reshape", [h, g.i64([-1, c])]), qkv_w, qkv_b)
+        qkv = g.op("Reshape", [qkv, g.i64([-1, n, hn, 3, d])])  # MultiHeadAttention's packed QKV
+        o = g.op("MultiHeadAttention", [qkv], domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
+        if group.vary_head[l]:
+            hm = g.op("Reshape", [_mask_slice(g, "head_mask", l, hn), g.i64([-1, 1, hn, 1])])
+            o = g.op("Mul", [g.op("Reshape", [o, g.i64([-1, n, hn, d])]), hm])
+        proj_w = sw(pre + "attn.proj.weight", "proj_w", heads, h_order, None)
+        o = _linear(g, g.op("Reshape", [o, g.i64([-1, hn * d])]), proj_w, w(pre + "attn.proj.bias"))
+        x = _gated_residual(g, x, gate1, g.op("Reshape", [o, g.i64([-1, n, c])]))
+
+        gs = cfg.group_size
+        fc1w = sw(pre + "mlp.fc1.weight", "fc1_w", chans, c_order, gs)
+        fc1b = sw(pre + "mlp.fc1.bias", "fc1_b", chans, c_order, gs)
+        fc2w = sw(pre + "mlp.fc2.weight", "fc2_w", chans, c_order, None)
+        fc2b = w(pre + "mlp.fc2.bias")
+        if not cfg.dynamic:
+            g.scope = pre + "mlp"
+            h = _modulate(g, _layernorm(g, x, c), shift2, scale2)
+            f = g.op("FastGelu", [_linear(g, g.op("Reshape", [h, g.i64([-1, c])]), fc1w, fc1b)], domain=MS_DOMAIN)
+            x = _gated_residual(g, x, gate2, g.op("Reshape", [_linear(g, f, fc2w, fc2b), g.i64([-1, n, c])]))
+            continue
+
+        g.scope = pre + "token_selection"
+        r = _linear(g, g.op("Reshape", [x, g.i64([-1, c])]), w(pre + "token_selection.mlp_head.0.weight"),
+                    w(pre + "token_selection.mlp_head.0.bias"))
+        r = _linear(g, g.op("Relu", [r]), w(pre + "token_selection.mlp_head.2.weight"),
+                    w(pre + "token_selection.mlp_head.2.bias"))
+        s = g.op("Sigmoid", [g.op("Reshape", [r, g.i64([-1, n])])])
+        if dt == TensorProto.BFLOAT16:  # CUDA's Greater has no bf16 kernel; bf16 -> fp32 is exact
+            s = g.op("Cast", [s], to=TensorProto.FLOAT)
+            half_ = g.const(0.5, TensorProto.FLOAT)
+        else:
+            half_ = g.const(0.5)
+        keep = g.op("Cast", [g.op("Greater", [s, half_])], to=dt)  # [B, N]
+
+        g.scope = pre + "mlp"
+        ins = [x, shift2, scale2, gate2, keep, fc1w.name, fc1b.name, fc2w.name, fc2b.name]
+        if group.vary_channel[l]:
+            ins.append(_mask_slice(g, "channel_mask", l, gn))
+        x = g.op("SdtMlp", ins, domain=CUSTOM_DOMAIN, group_size=gs, eps=1e-6, shared_channel_mask=1)
+        g.value_info.append(helper.make_tensor_value_info(x, dt, ["batch", n, c]))
+
+    g.scope = "final.adaLN"
+    fm = _linear(g, cond, w("final_layer.adaLN_modulation.1.weight"), w("final_layer.adaLN_modulation.1.bias"))
+    g.scope = "final"
+    shift, scale = g.op("Split", [fm, g.i64([c, c])], n_out=2, axis=1)
+    h = _modulate(g, _layernorm(g, x, c), shift, scale)
+    o = _linear(g, g.op("Reshape", [h, g.i64([-1, c])]), w("final_layer.linear.weight"), w("final_layer.linear.bias"))
+    o = g.op("Transpose", [g.op("Reshape", [o, g.i64([-1, grid, grid, p, p, oc])])], perm=[0, 5, 1, 3, 2, 4])
+    g.nodes.append(helper.make_node("Reshape", [o, g.i64([-1, oc, grid * p, grid * p])], ["out"], name="final/out"))
+
+    outputs = [helper.make_tensor_value_info("out", dt, ["batch", oc, cfg.input_size, cfg.input_size])]
+    graph = helper.make_graph(g.nodes, f"{cfg.name}-group{group.index}-cuda", inputs, outputs,
+                              initializer=list(inits.values()) + g.inits, value_info=g.value_info)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    if cfg.dynamic:
+        opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="dyc")
+    model.ir_version = 8
+    # fp32: no flash attention, and ORT's fallback kernels (CUDA and CPU) take Q, K, V apart
+    return cpu_form(model) if dt == TensorProto.FLOAT else model
+
+
+def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every packed-QKV MultiHeadAttention fed split Q, K, V ([B, N, heads·Dh]
+    each), the form ONNX Runtime's CPU kernel takes. Same maths; for checks on the CPU."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type == "MultiHeadAttention" and node.domain == MS_DOMAIN and len(node.input) == 1:
+            base = f"{node.name}/split_qkv"
+            split = f"{base}:sizes"
+            out.graph.initializer.append(helper.make_tensor(split, TensorProto.INT64, [3], [1, 1, 1]))
+            shape = f"{base}:shape"
+            out.graph.initializer.append(helper.make_tensor(shape, TensorProto.INT64, [3], [0, 0, -1]))
+            parts = [f"{base}:{i}" for i in range(3)]
+            nodes.append(helper.make_node("Split", [node.input[0], split], parts, name=base, axis=3))
+            flat = [f"{base}:flat{i}" for i in range(3)]
+            for i in range(3):  # [B, N, heads, 1, Dh] -> [B, N, heads·Dh]
+                nodes.append(helper.make_node("Reshape", [parts[i], shape], [flat[i]], name=f"{base}/reshape{i}"))
+            new = helper.make_node("MultiHeadAttention", flat, list(node.output), name=node.name, domain=MS_DOMAIN)
+            new.attribute.extend(node.attribute)
+            nodes.append(new)
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out

@@ -1,0 +1,111 @@
+"""The bundle's ``cuda`` graphs (ONNX Runtime CUDA EP), checked on the CPU: their structure, that they
+add no byte to weights.bin, and the plain DiT's against the eager model (no custom op needed; the DyDiT
+graphs with ``dyc::SdtMlp`` run in tests/test_plugins_build.py, which builds the op library)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import random_model, tiny_config
+from runtime_fixtures import tame_config, tame_model
+
+from dyc.bundle import Bundle, manifest_checksum
+from dyc.checkpoint import save_checkpoint
+from dyc.compiler.compile import compile_checkpoint
+from dyc.compiler.export_cuda import cpu_form
+from dyc.errors import DycError
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cudavar")
+    torch.set_num_threads(1)
+    out = {}
+    for dynamic in (True, False):
+        # the tame DyDiT (bounded outputs); a plain DiT has no routers to tame
+        model = tame_model(tame_config(), seed=2) if dynamic else random_model(tiny_config(dynamic=False), seed=1)
+        ck = save_checkpoint(model, d / f"m{int(dynamic)}.safetensors")
+        out[dynamic] = (model, compile_checkpoint(ck, d / f"m{int(dynamic)}.dyc", groups=3, calib=1, calib_steps=2,
+                                                  dtype="fp16" if dynamic else "fp32").path)
+    return out
+
+
+def _ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    out = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            e = {k.key: k.value for k in init.external_data}
+            out[init.name] = (int(e["offset"]), int(e["length"]))
+    return out
+
+
+def test_cuda_graphs_reuse_the_stored_weights(bundles):
+    """Every weight of a cuda graph is a byte range the std/trt graphs already reference: no new bytes."""
+    _, path = bundles[True]
+    b = Bundle.load(path)
+    assert b.has_variant("cuda")
+    for g in b.groups:
+        used = set()
+        for v in ("std", "trt"):
+            used |= set(_ranges(onnx.load(b.onnx_path(g, v), load_external_data=False)).values())
+        cuda = _ranges(onnx.load(b.onnx_path(g, "cuda"), load_external_data=False))
+        assert cuda and set(cuda.values()) <= used
+
+
+def test_cuda_graph_operators(bundles):
+    _, path = bundles[True]
+    b = Bundle.load(path)
+    g = next(g for g in b.groups if g.needs_channel_mask)
+    m = onnx.load(b.onnx_path(g, "cuda"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert not {"NonZero", "GatherND", "ScatterND", "Conv", "Softmax"} & set(ops)  # no host sync, no cuDNN
+    sdt = [n for n in m.graph.node if n.op_type == "SdtMlp"]
+    assert len(sdt) == b.config.depth and all(n.domain == "dyc" for n in sdt)
+    assert all(next(a.i for a in n.attribute if a.name == "shared_channel_mask") == 1 for n in sdt)
+    assert any(len(n.input) == 10 for n in sdt)  # the varying layers take their channel mask
+    mha = [n for n in m.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == b.config.depth and all(len(n.input) == 1 for n in mha)  # packed QKV (fp16)
+    split = cpu_form(m)
+    assert all(len(n.input) == 3 for n in split.graph.node if n.op_type == "MultiHeadAttention")
+
+
+def test_plain_dit_cuda_graphs_match_eager_on_the_cpu(bundles):
+    from dyc.backends.onnxruntime import OnnxRuntimeBackend
+
+    model, path = bundles[False]
+    b = Bundle.load(path)
+    be = OnnxRuntimeBackend(b, variant="cuda")  # FastGelu, MultiHeadAttention; no custom op in a plain DiT
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([2, 7, 10])
+    for t in (0, 500, 999):
+        out = be.run_group(0, {"x": x, "t": torch.full((3,), t), "y": y})
+        with torch.no_grad():
+            ref = model(x, torch.full((3,), t), y)
+        # ORT's CPU FastGelu evaluates tanh by a polynomial (~1e-6), which this random DiT amplifies
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-4
+
+
+def test_bundles_without_cuda_graphs_still_load(tmp_path, bundles):
+    import shutil
+
+    from dyc.backends.onnxruntime import OnnxRuntimeBackend
+
+    _, path = bundles[True]
+    old = tmp_path / "old.dyc"
+    shutil.copytree(path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for g in m["groups"]:
+        (old / g["files"].pop("cuda")).unlink()
+        m["files"].pop(f"group{g['index']}.cuda.onnx")
+    m["manifest_sha256"] = manifest_checksum(m)
+    (old / "manifest.json").write_text(json.dumps(m))
+    b = Bundle.load(old)
+    assert not b.has_variant("cuda")
+    with pytest.raises(DycError, match="no 'cuda' graphs"):
+        b.onnx_path(0, "cuda")
+    assert OnnxRuntimeBackend(b).variant == "std"
