@@ -29,7 +29,7 @@ import numpy as np
 from .compiler.plan import NUM_T, Architecture, GroupPlan
 from .config import ModelConfig
 from .errors import DycError
-from .fileio import read_bytes, read_text, sha256_bytes, sha256_file
+from .fileio import read_bytes, read_text, sha256_bytes, sha256_file, stream_sha256
 
 FORMAT = "dyc-bundle"
 SCHEMA_VERSION = 1
@@ -215,6 +215,21 @@ class Bundle:
                            "(changed since the compile: load it again, or recompile)")
         self._checked_bytes(name, sha256_bytes, data)
         return data
+
+    def stream_file(self, name: str, sink, chunk: int = 1 << 26) -> None:
+        """Feed a file of the bundle to ``sink(offset, memoryview)`` in chunks, then check size and sha256.
+
+        For files too large to hold twice (weights.bin to a device buffer): the caller keeps only what
+        ``sink`` stored, and uses it only after this returns (the check covers those very bytes).
+        """
+        info = self.manifest["files"].get(name)
+        if info is None:
+            raise DycError(f"{self.path}: {name} is not a file of this bundle")
+        got, digest = stream_sha256(self.path / name, sink, info["bytes"], "bundle file", chunk)
+        if got != info["bytes"]:
+            raise DycError(f"{self.path}: bundle file {name} does not have the {info['bytes']} bytes the manifest "
+                           "says (changed since the compile: load it again, or recompile)")
+        self._checked_bytes(name, lambda _: digest, None)
 
     def graph_bytes(self, group: GroupPlan | int, variant: str = "std") -> bytes:
         """The checked ONNX graph of a group (its initializers are external data in ``weights_file``)."""

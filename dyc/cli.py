@@ -59,7 +59,7 @@ def inspect(ckpt: Path, as_json: bool, masks: Path | None, plot: Path | None, sa
     from .checkpoint import load_checkpoint
     from .inspection import describe, format_description, lambda_figures, plot_activation, tdw_activation
 
-    if ckpt.is_dir():
+    if ckpt.is_dir() and (ckpt / "manifest.json").exists():  # else load_checkpoint says what the directory is
         from .inspection import describe_bundle, format_bundle
 
         info = describe_bundle(ckpt)

@@ -40,6 +40,28 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def stream_sha256(path: str | os.PathLike, sink, limit: int, what: str = "file", chunk: int = 1 << 26
+                  ) -> tuple[int, str]:
+    """Feed a regular file to ``sink(offset, memoryview)`` in chunks of at most ``limit`` bytes in all.
+
+    Returns (bytes read, sha256 of them); more bytes than ``limit`` in the file reads as ``limit + 1``.
+    """
+    h = hashlib.sha256()
+    buf = bytearray(min(chunk, max(limit, 1)))
+    view, off = memoryview(buf), 0
+    with open_regular(path, what) as f:
+        try:
+            while (k := f.readinto(buf)) > 0:
+                if off + k > limit:
+                    return limit + 1, h.hexdigest()
+                h.update(view[:k])
+                sink(off, view[:k])
+                off += k
+        except OSError as e:
+            raise DycError(f"{path}: cannot read {what} ({os_error_reason(e)})") from None
+    return off, h.hexdigest()
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a directory"

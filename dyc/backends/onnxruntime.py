@@ -30,7 +30,7 @@ import torch
 
 from ..errors import DycError
 from .base import Backend
-from .ort_weights import WeightRef, device_weights, host_weights, read_checked, weights_as_inputs
+from .ort_weights import WeightRef, device_weights, host_weights, weights_as_inputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -169,7 +169,7 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.disable_prepacking", "1")
 
         wbytes = bundle.manifest["files"][_WEIGHTS]["bytes"]
-        graphs = [read_checked(bundle, bundle.onnx_path(g, variant).name) for g in bundle.groups]
+        graphs = [bundle.graph_bytes(g, variant) for g in bundle.groups]
         if variant == "cuda" and not cuda:  # ORT's CPU attention kernel takes Q, K, V apart: same maths
             import onnx
 

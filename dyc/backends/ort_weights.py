@@ -7,13 +7,12 @@ initializer stored in ``weights.bin`` becomes a graph input of the same name and
 session is bound to views (offset, length) into one buffer, host memory on the CPU or one
 device allocation on CUDA. ONNX Runtime never sees the weight bytes, so it cannot copy them.
 
-Every file is read once, its sha256 checked against the manifest on the bytes read, and only
-those bytes are used: nothing is opened again by path after the check.
+Every file is read once through ``Bundle.read_file``/``stream_file``, its sha256 checked against the
+manifest on the bytes read, and only those bytes are used: nothing is opened again by path after the check.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,62 +39,21 @@ class WeightRef:
     length: int
 
 
-def _expected(bundle: Bundle, name: str) -> dict:
+def _size(bundle: Bundle, name: str) -> int:
     info = bundle.manifest.get("files", {}).get(name)
     if not info:
         raise DycError(f"{bundle.path}: {name} is not in the manifest's file table")
-    return info
-
-
-def _mismatch(bundle: Bundle, name: str) -> DycError:
-    return DycError(f"{bundle.path}: bundle file {name} was altered (sha256 mismatch)")
-
-
-def read_checked(bundle: Bundle, name: str) -> bytes:
-    """The bytes of a bundle file, read once and checked against the manifest's size and sha256."""
-    info = _expected(bundle, name)
-    try:
-        data = (bundle.path / name).read_bytes()
-    except OSError as e:
-        raise DycError(f"{bundle.path}: cannot read bundle file {name} ({e.strerror})") from None
-    if len(data) != info["bytes"]:
-        raise DycError(f"{bundle.path}: bundle file {name} has {len(data)} bytes, expected {info['bytes']}")
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise _mismatch(bundle, name)
-    return data
-
-
-def _chunks(bundle: Bundle, name: str, sink) -> None:
-    """Stream a bundle file to ``sink(offset, memoryview)`` in chunks, then check size and sha256."""
-    info = _expected(bundle, name)
-    h = hashlib.sha256()
-    buf = bytearray(min(CHUNK, max(info["bytes"], 1)))
-    view = memoryview(buf)
-    off = 0
-    try:
-        with open(bundle.path / name, "rb") as f:
-            while (k := f.readinto(buf)) > 0:
-                if off + k > info["bytes"]:
-                    break
-                h.update(view[:k])
-                sink(off, view[:k])
-                off += k
-    except OSError as e:
-        raise DycError(f"{bundle.path}: cannot read bundle file {name} ({e.strerror})") from None
-    if off != info["bytes"] or k:
-        raise DycError(f"{bundle.path}: bundle file {name} does not have the {info['bytes']} bytes the manifest says")
-    if h.hexdigest() != info["sha256"]:
-        raise _mismatch(bundle, name)
+    return int(info["bytes"])
 
 
 def host_weights(bundle: Bundle, name: str = "weights.bin") -> np.ndarray:
     """The weights file in host memory (uint8), read once and checked."""
-    out = np.empty(_expected(bundle, name)["bytes"], dtype=np.uint8)
+    out = np.empty(_size(bundle, name), dtype=np.uint8)
 
     def sink(off: int, chunk: memoryview) -> None:
         out[off: off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
 
-    _chunks(bundle, name, sink)
+    bundle.stream_file(name, sink, CHUNK)
     return out
 
 
@@ -104,7 +62,7 @@ def device_weights(bundle: Bundle, device: torch.device, name: str = "weights.bi
     the host never holds the whole file."""
     import torch
 
-    size = _expected(bundle, name)["bytes"]
+    size = _size(bundle, name)
     out = torch.empty(size, dtype=torch.uint8, device=device)
     staging = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8, pin_memory=True)
     stage = staging.numpy()
@@ -114,7 +72,7 @@ def device_weights(bundle: Bundle, device: torch.device, name: str = "weights.bi
         stage[:k] = np.frombuffer(chunk, dtype=np.uint8)
         out[off: off + k].copy_(staging[:k], non_blocking=False)  # synchronous: staging is reused
 
-    _chunks(bundle, name, sink)
+    bundle.stream_file(name, sink, CHUNK)
     return out
 
 

@@ -47,7 +47,7 @@ from .slice import unit_orders
 
 Progress = Callable[[str], None]
 # what a bundle directory may hold: anything else in it makes it "not a bundle" (never deleted)
-_BUNDLE_ENTRY = re.compile(r"^(manifest\.json|weights\.bin|group\d+(\.trt)?\.onnx|engines)$")
+_BUNDLE_ENTRY = re.compile(r"^(manifest\.json|weights\.bin|group\d+(\.trt|\.cuda)?\.onnx|engines)$")
 _ENGINES_ENTRY = re.compile(r"^(group\d+\.plan|trt_manifest\.json|timing\.cache|\..+\.tmp(-\d+)?)$")
 
 

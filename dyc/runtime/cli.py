@@ -100,6 +100,8 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def save_npy(array: np.ndarray, path: Path) -> None:
+    import numpy as np
+
     with atomic_output(path, "latents file") as f:
         np.save(f, array)
 
