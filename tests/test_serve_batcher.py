@@ -149,6 +149,7 @@ class Recording:
         self.inner, self.mixed_timesteps, self.fail_on = inner, mixed_timesteps, set(fail_on)
         self.name, self.optional_masks = inner.name, inner.optional_masks
         self.calls: list[list[int]] = []
+        self.inputs: list[tuple[int, tuple[str, ...]]] = []
 
     @property
     def device(self):
@@ -156,6 +157,7 @@ class Recording:
 
     def run_group(self, group, inputs):
         self.calls.append(inputs["t"].tolist())
+        self.inputs.append((group, tuple(sorted(inputs))))
         if len(self.calls) in self.fail_on:
             raise RuntimeError("engine exploded")
         return self.inner.run_group(group, inputs)
@@ -219,7 +221,24 @@ def test_torch_backend_per_row_masks_mixes_timesteps():
             dyc.Pipeline.load(digits_bundle(), backend="torch", device="cpu", per_row_masks=True) as per_row:
         assert not shared.backend.mixed_timesteps and per_row.backend.mixed_timesteps
         requests = REQUESTS[:4]
-        with StepBatcher(per_row.backend, per_row.scheduler, per_row.config, max_rows=32, deadline_s=0.02) as b:
+        rec = Recording(per_row.backend)
+        rec.mixed_timesteps = True
+        b = StepBatcher(rec, per_row.scheduler, per_row.config, max_rows=32, deadline_s=0.02, buckets=[2, 8, 32])
+        # warm-up: every group at every size in every set of mask inputs a (mixed-t) call can take
+        n = b.warm_up()
+        assert n == len(rec.calls) and {len(ts) for ts in rec.calls} == {2, 8, 32}
+        sched = per_row.scheduler
+        for g in sched.groups:
+            masks = [m for m in ("head_mask", "channel_mask") if m in g.inputs]
+            seen = {frozenset(names) & set(masks) for gi, names in rec.inputs if gi == g.index}
+            want = set()
+            for lo in range(0, 1000, 7):  # mixing pairs of timesteps of the group
+                for hi in range(lo, 1000, 13):
+                    if g.contains(lo) and g.contains(hi):
+                        want.add(frozenset(m for m in masks if not (sched.full_width(lo, g, m)
+                                                                    and sched.full_width(hi, g, m))))
+            assert want <= seen, (g.index, want, seen)
+        with b:
             results = run_all(b, requests)
             assert b.snapshot()["mixed_t_calls"] > 0
         for r, got in zip(requests, results, strict=True):

@@ -15,6 +15,7 @@ chains at the same t share a call.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter, defaultdict
@@ -324,19 +325,40 @@ class StepBatcher:
         cfg, dev, n = self.config, self.backend.device, 0
         with torch.no_grad():
             for g in self.scheduler.groups:
-                forms: dict[tuple, int] = {}  # which of the group's masks are all ones -> a t with that form
-                for t in range(g.t_lo, g.t_hi + 1):
-                    form = tuple(self.backend.optional_masks and self.scheduler.full_width(t, g, m)
-                                 for m in ("head_mask", "channel_mask") if m in g.inputs)
-                    forms.setdefault(form, t)
-                for t in forms.values():
+                forms = self._mask_forms(g)
+                for ts in forms:
                     for b in sizes:
                         x = torch.zeros((b, cfg.in_channels, cfg.input_size, cfg.input_size), device=dev)
                         y = torch.full((b,), cfg.num_classes, dtype=torch.int64, device=dev)
-                        _, feeds = self.scheduler.batch_inputs([(t, x, y)], dtype=self.dtype,
+                        k = min(len(ts), b)  # the rows split among the form's timesteps
+                        cuts = [round(i * b / k) for i in range(k + 1)]
+                        items = [(t, x[lo:hi], y[lo:hi]) for t, lo, hi in zip(ts, cuts[:-1], cuts[1:], strict=False)]
+                        _, feeds = self.scheduler.batch_inputs(items, dtype=self.dtype,
                                                                omit_full_masks=self.backend.optional_masks)
                         self.backend.run_group(g.index, feeds)
                         n += 1
                 if progress:
                     progress(f"warmed up group {g.index}: {len(forms)} mask form(s) x {len(sizes)} batch size(s)")
         return n
+
+    def _mask_forms(self, g) -> list[list[int]]:
+        """Timesteps that together give each set of mask inputs a call of group ``g`` can take.
+
+        A backend with ``optional_masks`` leaves a mask out when every row's t switches on the whole
+        union; a call mixing timesteps keeps it if any row needs it, so forms come from sets of t.
+        """
+        names = [m for m in ("head_mask", "channel_mask") if m in g.inputs]
+        ts = range(g.t_lo, g.t_hi + 1)
+        if not (self.backend.optional_masks and names):
+            return [[g.t_lo]]
+        full = {t: {m for m in names if self.scheduler.full_width(t, g, m)} for t in ts}
+        forms = []
+        for omit in ({*c} for r in range(len(names) + 1) for c in itertools.combinations(names, r)):
+            pool = [t for t in ts if omit <= full[t]]  # rows that allow leaving out these masks
+            keep = [m for m in names if m not in omit]
+            pick = [next((t for t in pool if m not in full[t]), None) for m in keep]
+            if pool and all(t is not None for t in pick):
+                chosen = sorted(set(pick)) or pool[:1]
+                if self.mixed_timesteps or len(chosen) == 1:
+                    forms.append(chosen)
+        return forms
