@@ -7,6 +7,8 @@
 #   DURATION=10 WARMUP_S=3 CONCURRENCY=1,8,32 UNBATCHED=0 (1: also a server without cross-request batching)
 #   DYC_PLUGIN_LIB=path/to/libdyc_plugins.so (prebuilt for sm_90a; else SDT runs the all-token fallback)
 # Expected: ~1.5 min synth + compile, ~1 min server start and warm-up, ~1 min timed points.
+# The warm-up captures a CUDA graph per group x mask form x padded size (1..64), and the torch backend
+# times each of its MLP forms at every capture: DYC_MLP_MODE=sdt|dense (inherited) skips that timing.
 set -u -o pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
