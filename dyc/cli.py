@@ -249,12 +249,15 @@ def _register_subsystem_commands() -> None:
     """Commands that live beside their subsystems (imports stay light: heavy modules load on use)."""
     from .compiler.cli import compile_cmd, verify_cmd
     from .runtime.cli import run_cmd
+    from .serve.cli import query_cmd, serve_cmd
     from .tensorrt.cli import build_engines_cmd
 
     cli.add_command(compile_cmd, "compile")
     cli.add_command(verify_cmd, "verify")
     cli.add_command(run_cmd, "run")
     cli.add_command(build_engines_cmd, "build-engines")
+    cli.add_command(serve_cmd, "serve")
+    cli.add_command(query_cmd, "query")
 
 
 _register_subsystem_commands()

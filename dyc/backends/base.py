@@ -21,6 +21,9 @@ class Backend(ABC):
     # True when run_group may be given a group's inputs without a mask that is all ones for the
     # step (Scheduler.inputs(omit_full_masks=True)): the engine then runs its mask-free form
     optional_masks: ClassVar[bool] = False
+    # True when the rows of one run_group call may be at different timesteps (of the same group): each
+    # row then takes its own t and mask rows (Scheduler.batch_inputs; the server batches requests so)
+    mixed_timesteps: ClassVar[bool] = True
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

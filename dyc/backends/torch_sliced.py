@@ -504,19 +504,23 @@ class GraphRunner:
 
 
 class TorchBackend(Backend):
-    """``TorchBackend(bundle, device=None, checkpoint=None, dtype=None, cuda_graphs=True)``.
+    """``TorchBackend(bundle, device=None, checkpoint=None, dtype=None, cuda_graphs=True, per_row_masks=False)``.
 
     The bundle's groups as sliced modules over one shared weight store; weights come from the
     bundle's source checkpoint (as the eager backend's do) or ``checkpoint``. On CUDA each
     (group, batch) is replayed from a CUDA graph; on the CPU the same modules run eagerly (the
-    reference maths, no kernel).
+    reference maths, no kernel). ``per_row_masks``: every row takes its own head/channel masks, so
+    one call may mix timesteps of a group (the server's step-level batching); by default row 0's
+    masks serve all rows (one t per call, as ``Pipeline`` calls it), which is faster.
     """
 
     name = "torch"
     optional_masks = True  # a step whose masks are all ones runs the group without its masking
+    mixed_timesteps = False  # unless per_row_masks: row 0's masks serve the whole call
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
-                 checkpoint: str | os.PathLike | None = None, dtype: str | None = None, cuda_graphs: bool = True):
+                 checkpoint: str | os.PathLike | None = None, dtype: str | None = None, cuda_graphs: bool = True,
+                 per_row_masks: bool = False):
         from .eager import EagerBackend
 
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -531,7 +535,8 @@ class TorchBackend(Backend):
         layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in bundle.groups]
         self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
         self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
-                                  shared_masks=True) for lay in layouts]  # one t per call (scheduler)
+                                  shared_masks=not per_row_masks) for lay in layouts]  # else one t per call
+        self.mixed_timesteps = per_row_masks
         for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
             mod.keep_rates = rates
         self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None

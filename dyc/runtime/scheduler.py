@@ -128,9 +128,48 @@ class Scheduler:
         }
         for name in ("head_mask", "channel_mask"):
             if name in g.inputs and not (omit_full_masks and self.full_width(int(t), g, name)):
-                key = (int(t), name, b, x.device, dtype)
-                if key not in self._feeds:  # a sampler revisits each t once per batch: keep them ready
-                    m = torch.from_numpy(self.masks_of(int(t), g, name)).to(device=x.device, dtype=dtype)
-                    self._feeds[key] = m.unsqueeze(0).expand(b, -1, -1).contiguous()
-                feeds[name] = self._feeds[key]
+                feeds[name] = self._mask_feed(int(t), g, name, b, x.device, dtype)
+        return g, feeds
+
+    def _mask_feed(self, t: int, g: GroupSpec, name: str, b: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """t's mask input for ``b`` rows, [b, L, slots] on the device."""
+        key = (t, name, b, device, dtype)
+        if key not in self._feeds:  # a sampler revisits each t once per batch: keep them ready
+            m = torch.from_numpy(self.masks_of(t, g, name)).to(device=device, dtype=dtype)
+            self._feeds[key] = m.unsqueeze(0).expand(b, -1, -1).contiguous()
+        return self._feeds[key]
+
+    def batch_inputs(self, items: Sequence[tuple[int, torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
+                     omit_full_masks: bool = False) -> tuple[GroupSpec, dict[str, torch.Tensor]]:
+        """One engine call over several chains, each ``(t, x [b_i, C, S, S], y [b_i])``, every t in one group.
+
+        The rows are stacked in order: ``t`` [Σ b_i] holds each row's own t and the mask inputs
+        [Σ b_i, L, slots] each row's own masks, so one call may mix timesteps of a group (for a
+        backend whose ``mixed_timesteps`` allows it). With ``omit_full_masks`` a mask input is left
+        out only when it is all ones for every row. One item gives exactly what ``inputs`` gives.
+        """
+        if not items:
+            raise DycError("an engine call needs at least one chain")
+        if len(items) == 1:
+            t, x, y = items[0]
+            return self.inputs(t, x, y, dtype=dtype, omit_full_masks=omit_full_masks)
+        ts = [int(t) for t, _, _ in items]
+        g = self.group_of(ts[0])
+        for t in ts[1:]:
+            if self.group_of(t).index != g.index:
+                raise DycError(f"timesteps {ts[0]} and {t} belong to different groups: one call runs one group")
+        dev = items[0][1].device
+        dtype = dtype or items[0][1].dtype
+        counts = [int(x.shape[0]) for _, x, _ in items]
+        feeds: dict[str, torch.Tensor] = {
+            "x": torch.cat([x.to(device=dev, dtype=dtype) for _, x, _ in items]),
+            "t": torch.tensor([t for t, b in zip(ts, counts, strict=True) for _ in range(b)], dtype=torch.int64,
+                              device=dev),
+            "y": torch.cat([y.to(device=dev, dtype=torch.int64) for _, _, y in items]),
+        }
+        for name in ("head_mask", "channel_mask"):
+            if name in g.inputs and not (omit_full_masks and all(self.full_width(t, g, name) for t in ts)):
+                feeds[name] = torch.cat([self._mask_feed(t, g, name, 1, dev, dtype).expand(b, -1, -1)
+                                         for t, b in zip(ts, counts, strict=True)])
         return g, feeds
