@@ -228,10 +228,10 @@ def test_query_errors_are_one_line(server, tmp_path, capsys):
     from dyc.cli import main
 
     out = str(tmp_path / "q")
-    assert main(["query", "--url", server.http_url, "--classes", "3,99", "--steps", "5", "-o", out]) == 2
+    assert main(["query", "--url", server.http_url, "--classes", "3,99", "--steps", "5", "-o", out]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refused the request: class id 99 is out of range" in err, err
-    assert main(["query", "--url", "127.0.0.1:1", "--classes", "3", "--steps", "5", "-o", out]) == 2
+    assert main(["query", "--url", "127.0.0.1:1", "--classes", "3", "--steps", "5", "-o", out]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach dyc serve at 127.0.0.1:1" in err, err
 
@@ -245,13 +245,14 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["serve", str(digits_bundle()), "--host", "127.0.0.1", "--http-port", str(port)]) == 2
+        assert main(["serve", str(digits_bundle()), "--host", "127.0.0.1", "--http-port", str(port)]) == 1
         assert f"--http-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
-    for args, message in ((["--max-batch", "0"], "--max-batch must be at least 1"),
-                          (["--grpc-port", "8000", "--http-port", "8000"], "must differ"),
-                          ([str(tmp_path / "missing.dyc")], "missing.dyc: no such bundle or checkpoint"),
-                          (["--stub-numpy", str(tmp_path)], "no numpy in it")):
+    # exit 2: a bad option value; 1: input or environment (README's exit codes)
+    for args, message, code in ((["--max-batch", "0"], "--max-batch must be at least 1", 2),
+                                (["--grpc-port", "8000", "--http-port", "8000"], "must differ", 2),
+                                ([str(tmp_path / "missing.dyc")], "missing.dyc: no such bundle or checkpoint", 1),
+                                (["--stub-numpy", str(tmp_path)], "no numpy in it", 1)):
         ports = [f"--{k}-port={v}" for k, v in zip(("http", "grpc", "metrics"), free_ports(3), strict=True)]
-        assert main(["serve", "--host", "127.0.0.1", *ports, *args]) == 2, args
+        assert main(["serve", "--host", "127.0.0.1", *ports, *args]) == code, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..backends import backend_names
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..timesteps import SAMPLERS
 
 
@@ -42,9 +42,9 @@ def serve_cmd(bundle, backend, device, host, http_port, grpc_port, metrics_port,
     from .server import serve
 
     if max_batch < 1:
-        raise DycError(f"--max-batch must be at least 1, got {max_batch}")
+        raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
     if deadline_ms < 0:
-        raise DycError(f"--deadline-ms must be ≥ 0, got {deadline_ms}")
+        raise UsageError(f"--deadline-ms must be ≥ 0, got {deadline_ms}")
     serve(bundle, backend=backend, device=device, host=host, http_port=http_port, grpc_port=grpc_port,
           metrics_port=metrics_port, max_batch=max_batch, deadline_ms=deadline_ms, max_inflight=max_inflight,
           pad_batches=pad_batches, warm_up=warm_up, one_t_per_call=one_t_per_call, stub_numpy=stub_numpy,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from .batcher import StepBatcher
 from .request import (
     INPUTS,
@@ -146,7 +146,7 @@ def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", dev
         if not 0 < port < 65536:
             raise DycError(f"{name} {port} is not a TCP port")
     if len({http_port, grpc_port, metrics_port}) < 3:
-        raise DycError("--http-port, --grpc-port and --metrics-port must differ")
+        raise UsageError("--http-port, --grpc-port and --metrics-port must differ")
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         _check_port_free(name, host, port)  # Triton would otherwise fail late and unclearly
     subreaper = _become_subreaper()
