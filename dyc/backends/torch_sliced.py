@@ -529,11 +529,16 @@ class TorchBackend(Backend):
                            "they do not match")
         cfg, dt = bundle.config, _TORCH_DTYPES[dtype]
         layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in bundle.groups]
-        self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
-        self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
-                                  shared_masks=True) for lay in layouts]  # one t per call (scheduler)
-        for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
-            mod.keep_rates = rates
+        if cfg.family != "dit":  # U-ViT / PixArt-α engines (dyc.families)
+            from .torch_family import build_modules
+
+            self.shared, self.modules = build_modules(cfg, model.state_dict(), layouts, dt, self._device)
+        else:
+            self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
+            self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
+                                      shared_masks=True) for lay in layouts]  # one t per call (scheduler)
+            for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
+                mod.keep_rates = rates
         self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None
         self.dtype = dt
 

@@ -20,6 +20,7 @@ import torch
 from ..bundle import Bundle, file_sha256
 from ..checkpoint import load_checkpoint
 from ..errors import DycError
+from ..families import mixed_conditions
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 2e-2}
 Progress = Callable[[str], None]
@@ -109,11 +110,15 @@ def verify_bundle(
         max_abs = max_ref = 0.0
         for t in ts:
             x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
-            y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)  # null class included
+            if cfg.family == "dit":
+                y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)  # null class included
+            else:  # another family's condition (dyc.families), the null one included
+                y = mixed_conditions(model, batch, gen)
             tt = torch.full((batch,), t, dtype=torch.long)
             with torch.no_grad():
                 ref = model(x, tt, y, threshold_offset=bundle.threshold_offset).double().numpy()
-            feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(), "y": y.numpy()}
+            feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(),
+                     "y": y.numpy() if not y.is_floating_point() else _to_ort(y.numpy(), bundle.dtype)}
             feeds.update({k: _to_ort(v, bundle.dtype) for k, v in bundle.mask_inputs(t, batch).items()})
             out = sess.run(None, feeds)[0].astype(np.float64)
             max_abs = max(max_abs, float(np.abs(out - ref).max()))

@@ -32,18 +32,19 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
-def load_noise(path: Path) -> np.ndarray:
+def load_noise(path: Path, option: str = "--noise") -> np.ndarray:
+    """A float32 .npy array (``option`` names the flag in errors)."""
     if not path.is_file():
-        raise DycError(f"--noise {path}: no such file")
+        raise DycError(f"{option} {path}: no such file")
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise DycError(f"--noise {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
+        raise DycError(f"{option} {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
                        ) from None
     if not isinstance(arr, np.ndarray):
-        raise DycError(f"--noise {path}: holds several arrays (.npz); give one .npy array")
+        raise DycError(f"{option} {path}: holds several arrays (.npz); give one .npy array")
     if arr.dtype != np.float32:
-        raise DycError(f"--noise {path}: dtype is {arr.dtype}, expected float32")
+        raise DycError(f"{option} {path}: dtype is {arr.dtype}, expected float32")
     return arr
 
 
@@ -123,6 +124,9 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--noise", type=click.Path(path_type=Path), default=None,
               help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
+@click.option("--text-emb", "text_emb", type=click.Path(path_type=Path), default=None,
+              help="Text-to-image models (PixArt-α): the prompts' text-encoder embeddings, float32 .npy "
+                   "[num_samples, T, C] (T5-XXL: [n, 120, 4096]).")
 @click.option("--backend", default="onnxruntime", show_default=True, help=f"One of {', '.join(backend_names())}.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own: cpu for eager and "
               "onnxruntime, cuda for torch and tensorrt).")
@@ -133,8 +137,8 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--save-latents", type=click.Path(path_type=Path), default=None,
               help="Also write the final latents here (.npy).")
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
-            device, checkpoint, vae_dir, save_latents, outdir) -> None:
+def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, text_emb,
+            backend, device, checkpoint, vae_dir, save_latents, outdir) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
     from .pipeline import Pipeline
 
@@ -154,10 +158,24 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     cfg = pipe.config
     if vae_dir is not None and cfg.vae_scale == 1:
         raise DycError("--vae: this is a pixel-space model; its samples are images already")
-    labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
-    pipe.check_classes(labels)
+    text_arr = load_noise(text_emb, "--text-emb") if text_emb is not None else None
+    if cfg.family == "pixart" or not cfg.conditional:  # text embeddings, or nothing, instead of class ids
+        if classes is not None:
+            raise DycError(f"--classes: {cfg.name} takes no class ids"
+                           + (" (give --text-emb)" if cfg.family == "pixart" else " (it is unconditional)"))
+        labels = None
+        count = (text_arr.shape[0] if text_arr is not None and text_arr.ndim == 3 else num_samples
+                 or (noise_arr.shape[0] if noise_arr is not None and noise_arr.ndim == 4 else 8))
+        if num_samples is not None and num_samples != count:
+            raise DycError(f"--num-samples {num_samples} differs from the {count} text embeddings given")
+    else:
+        if text_arr is not None:
+            raise DycError(f"--text-emb: {cfg.name} is not a text-to-image model")
+        labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
+        pipe.check_classes(labels)
+        count = len(labels)
     if noise_arr is not None:
-        pipe.check_noise(noise_arr, len(labels))
+        pipe.check_noise(noise_arr, count)
 
     bar = None
     if sys.stderr.isatty():
@@ -169,7 +187,8 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     t0 = time.perf_counter()
     try:
         out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
-                   noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None)
+                   noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None,
+                   text_emb=text_arr, num_samples=count if labels is None else None)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -188,8 +207,8 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     if images is None and vae_dir is not None:
         images = decode_vae(vae_dir, out.latents, cfg.in_channels)
     if images is not None:
-        for i, (im, label) in enumerate(zip(images, labels, strict=True)):
-            name = f"{i:04d}_class{label}.png"
+        for i, im in enumerate(images):
+            name = f"{i:04d}_class{labels[i]}.png" if labels else f"{i:04d}.png"
             save_png(im, outdir / name)
             written.append(name)
         save_png(grid_image(images), outdir / "grid.png")
@@ -198,13 +217,13 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         "bundle": out.info.get("bundle"), "backend": out.info.get("backend"), "device": out.info.get("device"),
         "model": cfg.name, "dtype": out.info.get("dtype"), "sampler": out.sampler, "steps": out.steps,
         "seed": seed, "noise": str(noise) if noise is not None else None, "cfg": out.cfg,
-        "cfg_official": out.cfg_official, "classes": labels, "batch": batch or len(labels),
+        "cfg_official": out.cfg_official, "classes": labels, "batch": batch or count,
         "trace": [s.to_dict() for s in out.trace], "sampling_ms": round(out.total_ms, 3),
         "total_s": round(wall, 4), "outputs": written,
     }
     (outdir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     written.append("run.json")
     per_step = out.total_ms / max(1, out.steps)
-    click.echo(f"{cfg.name}: {len(labels)} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "
+    click.echo(f"{cfg.name}: {count} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "
                f"{out.info.get('backend')} ({out.info.get('device')}): {wall:.2f} s, {per_step:.1f} ms/step "
                f"-> {outdir}/")

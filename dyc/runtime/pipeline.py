@@ -203,6 +203,8 @@ class Pipeline:
 
     # ---- checks ------------------------------------------------------------------------------
     def check_classes(self, classes: Sequence[int] | int | torch.Tensor) -> list[int]:
+        if classes is None:
+            raise DycError("give at least one class id")
         if isinstance(classes, torch.Tensor | np.ndarray):
             classes = classes.tolist()
         if isinstance(classes, int):
@@ -240,9 +242,19 @@ class Pipeline:
         return noise
 
     # ---- sampling ----------------------------------------------------------------------------
+    def null_condition(self) -> int | torch.Tensor:
+        """The null condition for guidance: the null class id, or PixArt-α's null text embedding."""
+        if self.config.family != "pixart":
+            return self.config.num_classes
+        if getattr(self, "_null_text", None) is None:
+            from .conditions import null_text
+
+            self._null_text = null_text(self.bundle, None if self.bundle else getattr(self.backend, "model", None))
+        return self._null_text
+
     def _model(self, t: int, x: torch.Tensor, y: torch.Tensor, cfg: float, official: bool) -> tuple[int, torch.Tensor]:
         if cfg != 1.0:
-            x, y = cfg_inputs(x, y, self.config.num_classes)
+            x, y = cfg_inputs(x, y, self.null_condition())
         g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype],
                                          omit_full_masks=self.backend.optional_masks)
         out = self.backend.run_group(g.index, feeds).to(device=x.device, dtype=torch.float32)
@@ -252,10 +264,11 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(
-        self, classes: Sequence[int] | int | torch.Tensor, *, sampler: str = "ddim", steps: int | None = None,
-        cfg: float = 1.0, cfg_official: bool = False, seed: int | None = 0,
+        self, classes: Sequence[int] | int | torch.Tensor | None = None, *, sampler: str = "ddim",
+        steps: int | None = None, cfg: float = 1.0, cfg_official: bool = False, seed: int | None = 0,
         noise: torch.Tensor | np.ndarray | None = None, batch: int | None = None,
-        progress: Progress | None = None,
+        progress: Progress | None = None, text_emb: torch.Tensor | np.ndarray | None = None,
+        num_samples: int | None = None,
     ) -> PipelineOutput:
         """Sample one image (latent) per class id.
 
@@ -263,12 +276,18 @@ class Pipeline:
         ``cfg_official`` guides only the first three channels as DiT's ``forward_with_cfg``.
         ``noise`` [M, C, S, S] float32 fixes the initial latents; ``batch`` caps samples per engine call.
         """
-        classes = self.check_classes(classes)
-        m = len(classes)
+        from .conditions import conditions
+
+        # class ids; text embeddings [n, T, C_text] (``text_emb``, PixArt-α); an unconditional model
+        # takes ``num_samples`` (dyc.runtime.conditions)
+        y_all, classes = conditions(self.config, classes, text_emb, num_samples, self.check_classes)
+        m = y_all.shape[0]
         s = make_sampler(sampler, steps)
         cfg = float(cfg)
         if not np.isfinite(cfg) or cfg < 0:
             raise DycError(f"cfg scale must be a finite number ≥ 0, got {cfg}")
+        if not self.config.conditional:
+            cfg = 1.0  # nothing to guide by
         if batch is None:
             batch = m
         if isinstance(batch, bool) or int(batch) != batch or batch < 1:
@@ -285,7 +304,7 @@ class Pipeline:
             noise = self.check_noise(noise, m)
         dev = self.backend.device
         x = noise.to(dev)
-        y = torch.tensor(classes, dtype=torch.int64, device=dev)
+        y = y_all.to(dev)
         cuda = dev.type == "cuda"
         trace: list[StepTrace] = []
         t_start = time.perf_counter()
