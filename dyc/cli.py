@@ -189,20 +189,36 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--groups", type=int, default=None,
               help="At most K engines for the torch row (default: the compiler's, smallest K ≤ 8 within 2%% "
                    "of one engine per architecture).")
+@click.option("--deepcache", default=None,
+              help="DeepCache intervals, e.g. 2,3: adds the extra speedup and output drift of DeepCache over the "
+                   "torch rows (full sampling runs).")
+@click.option("--deepcache-shallow", type=int, default=1, show_default=True,
+              help="DeepCache: blocks run at each end of the network on cached steps.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
-def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, json_out, plot) -> None:
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, deepcache,
+          deepcache_shallow, json_out, plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
 
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
-                    repeats=repeats, bundle=bundle, groups=groups)
+                    repeats=repeats, bundle=bundle, groups=groups,
+                    deepcache=_int_list(deepcache, "--deepcache"), deepcache_shallow=deepcache_shallow)
     click.echo(format_report(rep))
     if json_out:
         write_json(rep, json_out)
     if plot:
         plot_report(rep, plot)
+
+
+def _int_list(text: str | None, option: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DycError(f"{option}: give comma-separated integers, e.g. 2,3") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,11 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--noise", type=click.Path(path_type=Path), default=None,
               help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
+@click.option("--deepcache", type=int, default=None,
+              help="DeepCache interval N: every N-th step runs the whole model, the others reuse its deep blocks' "
+                   "residual (eager and torch backends, DiT-family models).")
+@click.option("--deepcache-shallow", type=int, default=1, show_default=True,
+              help="DeepCache: blocks run at each end of the network on the cached steps.")
 @click.option("--text-emb", "text_emb", type=click.Path(path_type=Path), default=None,
               help="Text-to-image models (PixArt-α): the prompts' text-encoder embeddings, float32 .npy "
                    "[num_samples, T, C] (T5-XXL: [n, 120, 4096]).")
@@ -137,8 +142,8 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--save-latents", type=click.Path(path_type=Path), default=None,
               help="Also write the final latents here (.npy).")
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, text_emb,
-            backend, device, checkpoint, vae_dir, save_latents, outdir) -> None:
+def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, deepcache,
+            deepcache_shallow, text_emb, backend, device, checkpoint, vae_dir, save_latents, outdir) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
     from .pipeline import Pipeline
 
@@ -148,6 +153,8 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         raise DycError(f"--batch must be positive, got {batch}")
     if seed < 0:
         raise DycError(f"--seed must be non-negative, got {seed}")
+    if deepcache is not None and backend not in ("eager", "torch"):
+        raise DycError(f"--deepcache runs on the eager and torch backends, not {backend}")
     if classes is not None:
         parse_classes(classes)
     noise_arr = load_noise(noise) if noise is not None else None
@@ -188,7 +195,8 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     try:
         out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
                    noise=noise_arr, batch=batch, progress=(lambda i, n: bar.update(1)) if bar else None,
-                   text_emb=text_arr, num_samples=count if labels is None else None)
+                   text_emb=text_arr, num_samples=count if labels is None else None, deepcache=deepcache,
+                   deepcache_shallow=deepcache_shallow)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -220,6 +228,7 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         "cfg_official": out.cfg_official, "classes": labels, "batch": batch or count,
         "trace": [s.to_dict() for s in out.trace], "sampling_ms": round(out.total_ms, 3),
         "total_s": round(wall, 4), "outputs": written,
+        **({"deepcache": out.info["deepcache"]} if "deepcache" in out.info else {}),
     }
     (outdir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     written.append("run.json")

@@ -262,19 +262,34 @@ class Pipeline:
             out = cfg_combine(out, self.config.in_channels, cfg, official)
         return g.index, out
 
+    def _model_cached(self, t: int, x: torch.Tensor, y: torch.Tensor, cfg: float, official: bool, call,
+                      cache: dict, key: int, refresh: bool) -> tuple[int, torch.Tensor]:
+        """``_model`` with DeepCache (dyc.runtime.deepcache): ``cache[key]`` holds this chunk's Δ."""
+        if cfg != 1.0:
+            x, y = cfg_inputs(x, y, self.null_condition())
+        g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype],
+                                         omit_full_masks=self.backend.optional_masks)
+        out, cache[key] = call(g.index, feeds, None if refresh else cache[key])
+        out = out.to(device=x.device, dtype=torch.float32)
+        if cfg != 1.0:
+            out = cfg_combine(out, self.config.in_channels, cfg, official)
+        return g.index, out
+
     @torch.no_grad()
     def __call__(
         self, classes: Sequence[int] | int | torch.Tensor | None = None, *, sampler: str = "ddim",
         steps: int | None = None, cfg: float = 1.0, cfg_official: bool = False, seed: int | None = 0,
         noise: torch.Tensor | np.ndarray | None = None, batch: int | None = None,
         progress: Progress | None = None, text_emb: torch.Tensor | np.ndarray | None = None,
-        num_samples: int | None = None,
+        num_samples: int | None = None, deepcache: int | None = None, deepcache_shallow: int = 1,
     ) -> PipelineOutput:
         """Sample one image (latent) per class id.
 
         ``cfg`` > 1 (or any value ≠ 1) turns on classifier-free guidance with the null class;
         ``cfg_official`` guides only the first three channels as DiT's ``forward_with_cfg``.
         ``noise`` [M, C, S, S] float32 fixes the initial latents; ``batch`` caps samples per engine call.
+        ``deepcache`` N: DeepCache with interval N, ``deepcache_shallow`` blocks run at each end on the
+        cached steps (dyc.runtime.deepcache; eager and torch backends, DiT-family models).
         """
         from .conditions import conditions
 
@@ -295,6 +310,12 @@ class Pipeline:
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
             raise DycError(f"seed must be a non-negative integer, got {seed!r}")
         self.scheduler.check_schedule(s.timesteps)  # fail before any work if a t has no group
+        dc = dc_call = None
+        if deepcache is not None:
+            from .deepcache import DeepCache, backend_caller
+
+            dc = DeepCache(deepcache, deepcache_shallow).check(self.config)
+            dc_call, dc_cache = backend_caller(self.backend, dc.shallow), {}
         if seed is None:  # a fresh seed, recorded in the output so the run can be repeated
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         gen = torch.Generator().manual_seed(int(seed))
@@ -312,7 +333,11 @@ class Pipeline:
             t0 = time.perf_counter()
             outs, group = [], -1
             for lo in range(0, m, int(batch)):
-                group, o = self._model(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official)
+                if dc is not None:
+                    group, o = self._model_cached(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official, dc_call,
+                                                  dc_cache, lo, dc.refresh(i))
+                else:
+                    group, o = self._model(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official)
                 outs.append(o)
             x = s.step(i, x, torch.cat(outs), gen)
             if cuda:
@@ -326,7 +351,8 @@ class Pipeline:
         return PipelineOutput(
             latents=latents, classes=classes, trace=trace, total_ms=total, sampler=s.name, steps=len(s), cfg=cfg,
             cfg_official=cfg_official, seed=seed, images=images,
-            info={"bundle": self.source, "backend": self.backend.name, "device": str(dev), "dtype": self.dtype},
+            info={"bundle": self.source, "backend": self.backend.name, "device": str(dev), "dtype": self.dtype,
+                  **({"deepcache": {"interval": dc.interval, "shallow": dc.shallow}} if dc else {})},
         )
 
     def close(self) -> None:
