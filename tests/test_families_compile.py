@@ -116,3 +116,20 @@ def test_family_inputs_are_checked(compiled, capsys):
     else:
         with pytest.raises(Exception, match="not a text-to-image model"):
             pipe([1], text_emb=np.zeros((1, 6, 32), np.float32))
+
+
+def test_bench_rows_checked_against_eager(compiled):
+    """`dyc bench`'s torch rows for the family: the compiled DyDiT-family model and its compiled static
+    model, each checked against eager before timing (CPU: fp32, no graphs)."""
+    from dyc.bench import run_bench
+
+    name, model, ckpt, _ = compiled
+    if name == "dit-1024":
+        pytest.skip("DiT's bench rows are tested in test_bench.py; 1024 tokens only add time here")
+    rep = run_bench(ckpt, backends=["torch"], batch=2, steps=4, dtype="fp32", device="cpu", repeats=1)
+    rows = {r["backend"]: r for r in rep["rows"]}
+    for r in ("torch", "torch-static"):
+        assert rows[r]["status"] == "ok" and rows[r]["rel_l2_err"] < 1e-5, rows[r]
+    assert rows["torch"]["speedup_vs_static"] is not None
+    assert rows["torch"]["gflops_per_step"] < rows["torch-static"]["gflops_per_step"]
+    assert rep["cfg"] == model.config.conditional
