@@ -132,6 +132,11 @@ class SlicedLayers(torch.nn.Module):
     def weight_tensors(self) -> list[torch.Tensor]:
         return self.shared.tensors()
 
+    def mlp_modes(self) -> tuple[str, ...]:
+        """One MLP form (GraphRunner times the forms of engines that have several; ``mlp_mode`` is ignored):
+        SDT through the kernel where it runs, else every token."""
+        return ("sdt",)
+
     def attention(self, l: int, a: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
         """Self-attention of layer l on its union heads, then proj: [B, N, C] (no residual)."""
         lay, layer, dh = self.layout, self.layers[l], self.cfg.head_dim

@@ -56,7 +56,7 @@ class SlicedPixArt(SlicedLayers):
         kernel, _ = _sdt_mlp_op()
         self.kernel = kernel if (use_kernel and dev.type == "cuda") else None
         fuse = dev.type == "cuda" if fuse is None else fuse
-        self.ln_mod = _fast_ln_modulate() if fuse else ln_modulate
+        self.ln_mod = _fast_ln_modulate()[0] if fuse else ln_modulate
         self.gate_res = _fused(gate_residual) if fuse else gate_residual
         self.router = _fast_router(dev, dt) if (fuse and cfg.dynamic) else None
         # every block's adaLN table, stacked: [L, 6, C]
@@ -79,7 +79,7 @@ class SlicedPixArt(SlicedLayers):
         return sdt_mlp_torch(*args, cmask, cfg.group_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, head_mask: torch.Tensor | None = None,
-                channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+                channel_mask: torch.Tensor | None = None, *, mlp_mode: str | None = None) -> torch.Tensor:
         cfg, cm = self.cfg, self.shared.common
         dt = cm["pos_embed"].dtype
         b, c = x.shape[0], cfg.hidden_size

@@ -68,7 +68,8 @@ class SlicedUViT(SlicedLayers):
         return h + (y if keep is None else y * keep.unsqueeze(-1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                head_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+                head_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None, *,
+                mlp_mode: str | None = None) -> torch.Tensor:
         cfg, cm = self.cfg, self.shared.common
         dt = cm["pos_embed"].dtype
         b, c, k = x.shape[0], cfg.hidden_size, cfg.depth // 2

@@ -90,7 +90,12 @@ def eager_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, shal
 def sliced_forward(mod, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, head_mask: torch.Tensor | None,
                    channel_mask: torch.Tensor | None, shallow: int, delta: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``SlicedDiT.forward`` (the same maths, block by block) with DeepCache; returns (output, Δ)."""
+    """``SlicedDiT.forward``'s maths, block by block, with DeepCache; returns (output, Δ).
+
+    DyDiT blocks run the SDT form (``SlicedDiT``'s ``mlp_mode="sdt"``: the SdtMlp kernel on CUDA), plain
+    ones every token; the engine's other MLP forms (dense, hybrid: faster at few rows) are not used
+    here, so ``dyc bench`` measures DeepCache's extra speedup against this same code without caching.
+    """
     cfg, lay = mod.cfg, mod.layout
     b = x.shape[0]
     dt = mod.patch_w.dtype
@@ -123,14 +128,8 @@ def sliced_forward(mod, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, head_
             rows = slice(0, 1) if mod.shared_masks else slice(None)
             pick = mod.group_pick[l]
             cmask = (channel_mask[rows, l, :ng] if pick is None else channel_mask[rows, l, pick]).to(dt)
-        if cfg.dynamic:
-            router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
-            if mod.router is not None:
-                keep = mod.router(h, *router)
-            else:
-                logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
-                keep = (torch.sigmoid(logit) > 0.5).to(dt)
-            return mod._mlp(h, sh2, sc2, g2, keep, layer, cmask)
+        if cfg.dynamic:  # the SDT form (the kernel on CUDA)
+            return mod._mlp(h, sh2, sc2, g2, mod._keep(h, layer), layer, cmask)
         u = F.linear(mod.ln_mod(h, sh2, sc2), layer["fc1_w"], layer["fc1_b"])
         if cmask is not None:
             u = (u.unflatten(-1, (ng, -1)) * cmask[:, None, :, None]).flatten(-2)
@@ -162,7 +161,10 @@ class _Refresh(nn.Module):
         super().__init__()
         self.mod, self.shallow = mod, shallow
 
-    def forward(self, x, t, y, head_mask=None, channel_mask=None):
+    def mlp_modes(self) -> tuple[str, ...]:
+        return ("sdt",)  # one form (see sliced_forward): GraphRunner captures it alone
+
+    def forward(self, x, t, y, head_mask=None, channel_mask=None, mlp_mode=None):
         out, delta = sliced_forward(self.mod, x, t, y, head_mask, channel_mask, self.shallow, None)
         return torch.cat([out.flatten(1), delta.flatten(1)], dim=1)
 
@@ -172,7 +174,10 @@ class _Cached(nn.Module):
         super().__init__()
         self.mod, self.shallow = mod, shallow
 
-    def forward(self, x, t, y, delta, head_mask=None, channel_mask=None):
+    def mlp_modes(self) -> tuple[str, ...]:
+        return ("sdt",)
+
+    def forward(self, x, t, y, delta, head_mask=None, channel_mask=None, mlp_mode=None):
         return sliced_forward(self.mod, x, t, y, head_mask, channel_mask, self.shallow, delta)[0]
 
 
