@@ -138,7 +138,12 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
     full = GroupLayout([list(range(cfg.num_heads))] * cfg.depth, [list(range(cfg.num_heads))] * cfg.depth,
                        [False] * cfg.depth, [False] * cfg.depth)
     static_cfg = ModelConfig(**{**cfg.to_dict(), "dynamic": False})
-    static_mod = SlicedDiT(static_cfg, sd, full, dtype=dt, device=dev)
+    if cfg.family != "dit":  # U-ViT / PixArt-α engines (dyc.families)
+        from .backends.torch_family import build_modules
+
+        static_mod = build_modules(static_cfg, sd, [full], dt, dev)[1][0]
+    else:
+        static_mod = SlicedDiT(static_cfg, sd, full, dtype=dt, device=dev)
     static_g = static_gflops(cfg)
     use_graphs = dev.type == "cuda"
     static_graph = GraphRunner([static_mod]) if use_graphs else None
@@ -149,17 +154,23 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
 
     static_row = _Runner("torch-static", static_call, lambda t: static_g, static_mod.weight_tensors())
     static_row.eager_call = lambda x, t, y: static_mod(x, torch.full((x.shape[0],), t, device=dev), y)
+    # the engines and their per-call inputs, for the DeepCache rows (dyc.runtime.deepcache)
+    static_row.deepcache = ([static_mod], lambda x, t, y: (0, {"x": x, "t": torch.full((x.shape[0],), t, device=dev),
+                                                               "y": y}))
     if not cfg.dynamic:
         return static_row, None
     ana = analyse(ck.model, setup.schedule, calib=calib, progress=lambda m: print(m, file=sys.stderr))
     arch_of_t, ah, ac = architectures(ana.head, ana.channel)
     groups = partition(cfg, arch_of_t, ah, ac, ana.keep, setup.schedule, max_groups=groups)
     layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in groups]
-    shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
-    mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
-    for mod, g in zip(mods, groups, strict=True):  # expected keep rates: candidates for the hybrid MLP form
-        ts = [t for t in setup.schedule if g.t_lo <= t <= g.t_hi] or list(range(g.t_lo, g.t_hi + 1))
-        mod.keep_rates = ana.keep[ts].mean(0).tolist()
+    if cfg.family != "dit":
+        shared, mods = build_modules(cfg, sd, layouts, dt, dev)
+    else:
+        shared = SharedWeights(cfg, sd, layouts, dtype=dt, device=dev)  # one copy for every group
+        mods = [SlicedDiT(cfg, None, lay, dtype=dt, device=dev, shared=shared, shared_masks=True) for lay in layouts]
+        for mod, g in zip(mods, groups, strict=True):  # expected keep rates: candidates for the hybrid MLP form
+            ts = [t for t in setup.schedule if g.t_lo <= t <= g.t_hi] or list(range(g.t_lo, g.t_hi + 1))
+            mod.keep_rates = ana.keep[ts].mean(0).tolist()
     runner = GraphRunner(mods) if use_graphs else None
     # the runtime's scheduler builds each call's inputs (t's group, its mask slots), as `dyc run` does
     specs = [GroupSpec(g.index, g.t_lo, g.t_hi, g.heads, g.channels, ("x", "t", "y", "head_mask", "channel_mask"))
@@ -179,6 +190,7 @@ def _torch_runners(ck, setup: BenchSetup, calib: int, groups: int | None = None)
     row.eager_call = lambda x, t, y: dyn_call(x, t, y, graphs=False)
     row.groups = groups
     row.graphs = runner
+    row.deepcache = (mods, lambda x, t, y: (lambda g, f: (g.index, f))(*sched.inputs(t, x, y, omit_full_masks=True)))
     return static_row, row
 
 
@@ -291,7 +303,7 @@ def run_bench(
     ckpt: str | Path, *, backends: Sequence[str] = ("eager", "eager-dydit", "torch"), batch: int = 16,
     cfg_scale: float | None = 4.0, sampler: str = "ddim", steps: int = 50, dtype: str = "bf16",
     device: str | None = None, repeats: int = 3, calib: int = 2, seed: int = 0, bundle: str | Path | None = None,
-    groups: int | None = None,
+    groups: int | None = None, deepcache: Sequence[int] = (), deepcache_shallow: int = 1,
 ) -> dict:
     """Measure the requested rows side by side in this process; returns a JSON-able report."""
     unknown = [b for b in backends if b not in ROWS]
@@ -308,14 +320,22 @@ def run_bench(
     ck = load_checkpoint(ckpt)
     cfg = ck.config
     schedule = sampler_timesteps(sampler, steps)
+    if not cfg.conditional:
+        cfg_scale = None  # an unconditional model has nothing to guide by
     rows_batch = batch * (2 if cfg_scale else 1)
     setup = BenchSetup(cfg, rows_batch, batch, schedule, dev, dtype, check_sampler(sampler), cfg_scale or 1.0)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows_batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
-    if cfg_scale:
-        y = torch.cat([y, torch.full((batch,), cfg.num_classes)])
-    x, y = x.to(dev, _DTYPES[dtype]), y.to(dev)
+    if cfg.family != "dit":  # U-ViT / PixArt-α conditions (dyc.families); an unconditional model: no CFG
+        from .families import sample_conditions
+
+        y, null = sample_conditions(ck.model, batch, g)
+        y = torch.cat([y, null]) if cfg_scale else y
+    else:
+        y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+        if cfg_scale:
+            y = torch.cat([y, torch.full((batch,), cfg.num_classes)])
+    x, y = x.to(dev, _DTYPES[dtype]), y.to(dev, _DTYPES[dtype] if y.is_floating_point() else torch.int64)
 
     report: dict = {
         "checkpoint": str(ckpt), "model": cfg.name, "untrained": ck.metadata.get("dyc.untrained") == "true",
@@ -403,6 +423,19 @@ def run_bench(
             row.share_of_ideal = row.speedup_vs_static / row.flops_ideal
     report["blocks_static_gflops"] = static_breakdown(cfg).blocks / 1e9
     report["rows"] = [asdict(r) for r in rows.values()]
+    if deepcache:  # extra speedup and drift of DeepCache over the compiled engines (dyc.runtime.deepcache)
+        from .runtime.deepcache import bench_deepcache
+
+        report["deepcache"] = []
+        for name in ("torch-static", "torch"):
+            if name in runners and rows.get(name) and rows[name].status == "ok":
+                print(f"timing {name} with DeepCache {list(deepcache)} ...", file=sys.stderr)
+                dc_rows = bench_deepcache(name, *runners[name].deepcache, setup, x, y, list(deepcache),
+                                          deepcache_shallow, repeats)
+                st = rows.get("torch-static")
+                for r in dc_rows:
+                    r["speedup_vs_static"] = (st.s_per_image / r["s_per_image"]) if st and st.s_per_image else None
+                report["deepcache"] += dc_rows
     return report
 
 
@@ -463,6 +496,10 @@ def format_report(rep: dict) -> str:
             + (f" [MLP forms: {', '.join(f'{k} {v}' for k, v in sorted(r['mlp_forms'].items()))}]"
                if r.get("mlp_forms") else "")
             + ("" if r["status"] == "ok" else f"  <- {r['status']}"))
+    if rep.get("deepcache"):
+        from .runtime.deepcache import format_rows
+
+        lines += format_rows(rep["deepcache"])
     return "\n".join(lines)
 
 

@@ -187,8 +187,10 @@ def model_from_state_dict(
         cfg = infer_config(sd, metadata, num_heads=num_heads)
     except DycError as e:
         raise type(e)(f"{path}: {e}") from None  # a UsageError (--num-heads 0) stays one
+    from .families import build_model
+
     with torch.device("meta"):
-        model = DyDiT(cfg)
+        model = build_model(cfg)  # DyDiT, or another family's model (dyc.families)
     check_keys(sd, model, path)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
     model.pos_embed.requires_grad_(False)
@@ -222,7 +224,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    if isinstance(model_or_sd, DyDiT):
+    if isinstance(model_or_sd, torch.nn.Module):  # DyDiT or another family's model
         config = config or model_or_sd.config
         sd = model_or_sd.state_dict()
     else:

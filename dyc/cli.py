@@ -107,8 +107,10 @@ def _write_npz(path: Path, **arrays) -> None:
 # flops
 @cli.command()
 @click.argument("ckpt", required=False, type=click.Path(path_type=Path))
-@click.option("--model", "model_name", help="A named model instead of a checkpoint, e.g. DiT-XL/2.")
-@click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
+@click.option("--model", "model_name",
+              help="A named model instead of a checkpoint: DiT-XL/2, U-ViT-S/2, U-ViT-H/2, PixArt-XL/2, ...")
+@click.option("--image-size", type=int, default=None,
+              help="Pixels: 256 or 512 (DiT, U-ViT-H/2; default 256), 256/512/1024 (PixArt); U-ViT-S/2 is 32.")
 @click.option("--sampler", default="ddim", show_default=True, help=f"Schedule to average over: {', '.join(SAMPLERS)}.")
 @click.option("--steps", type=int, default=None, help="Sampler steps (default: the sampler's usual count).")
 @click.option("--token-keep", type=float, default=None, help="SDT share of tokens the MLPs run on (0..1].")
@@ -120,7 +122,7 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
     import torch
 
     from .config import parse_model_name
-    from .flops import dynamic_flops, flops_ratio, static_breakdown
+    from .flops import dynamic_flops, flops_ratio, fvcore_gflops, static_breakdown
     from .timesteps import sampler_timesteps
 
     if (ckpt is None) == (model_name is None):
@@ -134,10 +136,10 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
         ck = load_checkpoint(ckpt, num_heads=num_heads)
         cfg, model = ck.config, ck.model
     else:
-        cfg = parse_model_name(model_name, int(image_size))
+        cfg = parse_model_name(model_name, image_size)
     static = static_breakdown(cfg)
     out: dict = {"model": cfg.name, "image_size": cfg.image_size, "gflops": static.total / 1e9,
-                 "breakdown": static.to_dict()}
+                 "breakdown": static.to_dict(), "fvcore_gflops": fvcore_gflops(cfg)}
     if model is not None and cfg.dynamic:
         ts = sampler_timesteps(sampler, steps)
         hm, cm = (m.numpy() for m in model.tdw_masks(torch.arange(NUM_TRAIN_TIMESTEPS)))
@@ -159,7 +161,8 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
     click.echo(f"{cfg.name} at {cfg.image_size}px: {out['gflops']:.2f} GFLOPs per forward (static, MACs)")
     b = out["breakdown"]
     click.echo(f"  attention {b['attn']:.2f}  mlp {b['mlp']:.2f}  adaLN {b['adaln']:.2f}  "
-               f"embed {b['embed']:.3f}  final {b['final']:.3f}")
+               f"embed {b['embed']:.3f}  final {b['final']:.3f}" + (f"  other {b['other']:.2f}" if b["other"] else ""))
+    click.echo(f"  as fvcore counts the official code (the papers' tables): {out['fvcore_gflops']:.2f} GFLOPs")
     if "dynamic" in out:
         d = out["dynamic"]
         click.echo(f"dynamic over {d['sampler']}-{d['steps']}: TDW {d['tdw_gflops_mean']:.2f} GFLOPs per forward, "
@@ -178,8 +181,10 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
 # ---------------------------------------------------------------------------------------------
 # synth
 @cli.command()
-@click.option("--model", "model_name", default="DiT-XL/2", show_default=True)
-@click.option("--image-size", type=click.Choice(["256", "512"]), default="256", show_default=True)
+@click.option("--model", "model_name", default="DiT-XL/2", show_default=True,
+              help="DiT-{S,B,L,XL}/{2,4,8}, U-ViT-S/2 (CIFAR-10), U-ViT-H/2 (ImageNet 256), PixArt-XL/2.")
+@click.option("--image-size", type=int, default=None,
+              help="Pixels: 256 or 512 (DiT, U-ViT-H/2; default 256), 256/512/1024 (PixArt); U-ViT-S/2 is 32.")
 @click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Target FLOPs ratio over t=0..999.")
 @click.option("--token-keep", type=float, default=0.8, show_default=True, help="Share of tokens the SDT routers keep.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
@@ -188,13 +193,14 @@ def flops(ckpt, model_name, image_size, sampler, steps, token_keep, per_t, as_js
 def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None:
     """A DyDiT checkpoint with random weights whose routers reach a FLOPs target (untrained: for speed tests)."""
     from .checkpoint import save_checkpoint
-    from .config import parse_model_name
+    from .config import ModelConfig, parse_model_name
     from .synth import synth_metadata, synthesize
 
     if output.suffix != ".safetensors":
         raise UsageError(f"{output}: synth writes .safetensors files")
-    cfg = parse_model_name(model_name, int(image_size))
-    click.echo(f"building {cfg.name.replace('DiT', 'DyDiT', 1) if not cfg.dynamic else cfg.name} "
+    cfg = parse_model_name(model_name, image_size)
+    dyn_name = ModelConfig(**{**cfg.to_dict(), "dynamic": True}).name
+    click.echo(f"building {dyn_name} "
                f"(seed {seed}) ...", err=True)
     model, info = synthesize(cfg, lam, token_keep, seed)
     save_checkpoint(model, output, metadata=synth_metadata(info), static=static)
@@ -221,11 +227,16 @@ def synth(model_name, image_size, lam, token_keep, seed, static, output) -> None
 @click.option("--groups", type=int, default=None,
               help="At most K engines for the torch row (default: the compiler's, smallest K ≤ 8 within 2%% "
                    "of one engine per architecture).")
+@click.option("--deepcache", default=None,
+              help="DeepCache intervals, e.g. 2,3: adds the extra speedup and output drift of DeepCache over the "
+                   "torch rows (full sampling runs).")
+@click.option("--deepcache-shallow", type=int, default=1, show_default=True,
+              help="DeepCache: blocks run at each end of the network on cached steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the table.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the full report as JSON to a file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw per-step latency by t to a PNG.")
-def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, as_json, output,
-          plot) -> None:
+def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bundle, groups, deepcache,
+          deepcache_shallow, as_json, output, plot) -> None:
     """Per-step latency of each backend against eager PyTorch, measured side by side in one run."""
     from .bench import format_report, plot_report, run_bench, write_json
     from .devices import check_device
@@ -233,7 +244,8 @@ def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bu
     check_device(device)
     rep = run_bench(ckpt, backends=[b.strip() for b in backends.split(",") if b.strip()], batch=batch,
                     cfg_scale=4.0 if cfg else None, sampler=sampler, steps=steps, dtype=dtype, device=device,
-                    repeats=repeats, bundle=bundle, groups=groups)
+                    repeats=repeats, bundle=bundle, groups=groups,
+                    deepcache=_int_list(deepcache, "--deepcache"), deepcache_shallow=deepcache_shallow)
     if as_json:
         _echo_json(rep)
     else:
@@ -242,6 +254,15 @@ def bench(ckpt, backends, batch, cfg, sampler, steps, dtype, device, repeats, bu
         write_json(rep, output)
     if plot:
         plot_report(rep, plot)
+
+
+def _int_list(text: str | None, option: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DycError(f"{option}: give comma-separated integers, e.g. 2,3") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Model configuration: the DiT family's sizes, and inference of a config from weight shapes."""
+"""Model configuration: the DiT family's sizes, and inference of a config from weight shapes.
+
+Other model families (U-ViT, PixArt-α: ``dyc.families``) share this config; ``family`` names which,
+and their own fields default to values that leave a DiT unchanged.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (1152, 28, 16),
 }
 _HEADS_BY_WIDTH = {c: h for c, _, h in MODEL_SIZES.values()}
+FAMILIES = ("dit", "uvit", "pixart")
+# U-ViT (github.com/baofff/U-ViT): name -> (C, blocks = in + mid + out, H); the configs' ``depth`` is
+# in + out, so depth 12 is 13 blocks
+UVIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (512, 13, 8),
+    "M": (768, 17, 12),
+    "L": (1024, 21, 16),
+    "H": (1152, 29, 16),
+}
+PIXART_SIZES: dict[str, tuple[int, int, int]] = {"XL": (1152, 28, 16)}
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,13 @@ class ModelConfig:
     dynamic: bool = True  # DyDiT (routers present) or plain DiT
     # pixels per latent cell: 8 for the SD VAE latents DiT uses, 1 for pixel-space models
     vae_scale: int = 8
+    # model family (dyc.families): "dit", "uvit" (U-ViT: long skips, time/class as tokens) or
+    # "pixart" (PixArt-α: cross-attention to text embeddings, adaLN-single)
+    family: str = "dit"
+    qkv_bias: bool = True  # U-ViT's official configs have none
+    final_conv: bool = False  # U-ViT: a 3x3 conv after unpatchify (its pixel-space configs)
+    text_channels: int = 0  # PixArt-α: width of the text-encoder embeddings (T5-XXL: 4096)
+    text_len: int = 0  # PixArt-α: text tokens per prompt (120)
 
     # ---- derived -------------------------------------------------------------------
     @property
@@ -44,8 +65,25 @@ class ModelConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
-    def num_tokens(self) -> int:
+    def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens besides the patches: U-ViT's time token (and label token when class-conditional)."""
+        if self.family == "uvit":
+            return 2 if self.num_classes > 0 else 1
+        return 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens every block sees (patches, plus U-ViT's time/label tokens)."""
+        return self.num_patches + self.extra_tokens
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a condition (class id or text) and so supports guidance."""
+        return self.family == "pixart" or self.num_classes > 0
 
     @property
     def head_dim(self) -> int:
@@ -70,7 +108,8 @@ class ModelConfig:
 
     @property
     def size_name(self) -> str | None:
-        for name, (c, l, h) in MODEL_SIZES.items():
+        sizes = {"dit": MODEL_SIZES, "uvit": UVIT_SIZES, "pixart": PIXART_SIZES}.get(self.family, {})
+        for name, (c, l, h) in sizes.items():
             if (c, l, h) == (self.hidden_size, self.depth, self.num_heads):
                 return name
         return None
@@ -78,14 +117,20 @@ class ModelConfig:
     @property
     def name(self) -> str:
         size = self.size_name
-        base = "DyDiT" if self.dynamic else "DiT"
+        plain = {"dit": "DiT", "uvit": "U-ViT", "pixart": "PixArt"}.get(self.family, self.family)
+        base = f"Dy{plain}" if self.dynamic else plain
         if size is None:
             return f"{base}-C{self.hidden_size}L{self.depth}H{self.num_heads}/{self.patch_size}"
         return f"{base}-{size}/{self.patch_size}"
 
     def validate(self) -> ModelConfig:
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
-                     "vae_scale"):
+        if self.family not in FAMILIES:
+            raise DycError(f"unknown model family {self.family!r}: one of {', '.join(FAMILIES)}")
+        if self.family == "pixart" and (self.text_channels <= 0 or self.text_len <= 0):
+            raise DycError("a PixArt model needs text_channels and text_len")
+        if self.family == "uvit" and self.depth % 2 == 0:
+            raise DycError(f"a U-ViT has an odd number of blocks (in, mid, out), got {self.depth}")
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "vae_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DycError(f"{name} must be a positive integer, got {v!r}")
@@ -94,6 +139,10 @@ class ModelConfig:
         for name in ("learn_sigma", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise DycError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0 or (
+                self.family == "dit" and self.num_classes < 1):
+            raise DycError(f"num_classes must be a {'positive' if self.family == 'dit' else 'non-negative'} integer, "
+                           f"got {self.num_classes!r}")
         if self.hidden_size % self.num_heads:
             raise DycError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.mlp_hidden % self.num_heads:
@@ -116,11 +165,22 @@ class ModelConfig:
         return cls(**d).validate()
 
 
-def parse_model_name(name: str, image_size: int = 256) -> ModelConfig:
-    """'DiT-XL/2' (or 'DyDiT-S/4', 'XL/2') at 256 or 512 px -> config of the latent model."""
+def parse_model_name(name: str, image_size: int | None = None) -> ModelConfig:
+    """'DiT-XL/2' (or 'DyDiT-S/4', 'XL/2') at 256 or 512 px -> config of the latent model.
+
+    Also the other families' official configs: 'U-ViT-S/2' (CIFAR-10), 'U-ViT-H/2' (ImageNet 256),
+    'PixArt-XL/2' (PixArt-α; 256, 512 or 1024 px) and their 'Dy' forms (``dyc.families``).
+    """
+    from .families import parse_family_name
+
+    cfg = parse_family_name(name, image_size)
+    if cfg is not None:
+        return cfg
+    image_size = 256 if image_size is None else image_size
     m = re.fullmatch(r"(?:(Dy)?DiT-)?(S|B|L|XL)/(2|4|8)", name.strip(), flags=re.IGNORECASE)
     if not m:
-        raise DycError(f"unknown model {name!r}: expected DiT-{{S,B,L,XL}}/{{2,4,8}}, e.g. DiT-XL/2")
+        raise DycError(f"unknown model {name!r}: expected DiT-{{S,B,L,XL}}/{{2,4,8}} (e.g. DiT-XL/2), "
+                       "U-ViT-{S,M,L,H}/2 or PixArt-XL/2")
     if image_size not in (256, 512):
         raise DycError(f"image size {image_size} is not supported: use 256 or 512")
     c, l, h = MODEL_SIZES[m.group(2).upper()]
@@ -167,6 +227,11 @@ def infer_config(sd: Mapping, metadata: Mapping[str, str] | None = None, num_hea
     ``num_heads``, else from ``dyc.config`` metadata written by this project, else from the width
     (the four official sizes). A ``num_heads`` that the routers or the metadata contradict is an error.
     """
+    from .families import detect_family, family_module
+
+    family = detect_family(sd)
+    if family != "dit":
+        return family_module(family).infer_config(sd, metadata)
     meta_cfg = _metadata_config(metadata)
     try:
         c, in_ch, p, p2 = _shape(sd, "x_embedder.proj.weight")

@@ -36,6 +36,9 @@ class FlopsBreakdown:
     mlp: float
     routers: float  # TDW routers + token routers (dynamic only)
     final: float  # final linear
+    # what other families add outside MHSA+MLP: U-ViT's skip linears, PixArt-α's cross-attention and
+    # text projection (dyc.families); 0 for DiT
+    other: float = 0.0
 
     @property
     def blocks(self) -> float:
@@ -43,13 +46,19 @@ class FlopsBreakdown:
 
     @property
     def total(self) -> float:
-        return self.embed + self.adaln + self.attn + self.mlp + self.routers + self.final
+        return self.embed + self.adaln + self.attn + self.mlp + self.routers + self.final + self.other
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) / 1e9 for k in ("embed", "adaln", "attn", "mlp", "routers", "final", "total")}
+        return {k: getattr(self, k) / 1e9 for k in ("embed", "adaln", "attn", "mlp", "routers", "final", "other",
+                                                     "total")}
 
 
 def _fixed_parts(cfg: ModelConfig, dynamic: bool) -> dict[str, float]:
+    """MACs outside MHSA+MLP, by part (``FlopsBreakdown``'s other fields)."""
+    if cfg.family != "dit":
+        from .families import family_module
+
+        return family_module(cfg.family).fixed_flops(cfg, dynamic)
     n, c, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     embed = n * c * cfg.in_channels * p * p + FREQ_DIM * c + c * c
     adaln = cfg.depth * 6 * c * c + 2 * c * c
@@ -117,3 +126,16 @@ def flops_ratio(
     if timesteps is not None:
         per_t = per_t[np.asarray(list(timesteps))]
     return float(per_t.mean())
+
+
+def fvcore_gflops(cfg: ModelConfig) -> float:
+    """Static GFLOPs as fvcore's tracer counts the family's official code, the way the DyDiT paper's
+    tables were made: this convention plus LayerNorms (4 per element without affine, 5 with), minus
+    attention matmuls that the official code runs in fused kernels fvcore does not count (U-ViT,
+    PixArt-α). DiT's official attention multiplies explicitly, so only the norms are added."""
+    if cfg.family != "dit":
+        from .families import family_module
+
+        return family_module(cfg.family).fvcore_gflops(cfg)
+    norms = (2 * cfg.depth + 1) * cfg.num_tokens * cfg.hidden_size * 4
+    return (static_breakdown(ModelConfig(**{**cfg.to_dict(), "dynamic": False})).total + norms) / 1e9

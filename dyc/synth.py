@@ -16,6 +16,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import DycError, UsageError
+from .families import build_model, sample_conditions
 from .flops import flops_ratio
 from .model import FREQ_DIM, DyDiT
 from .timesteps import NUM_TRAIN_TIMESTEPS
@@ -27,8 +28,15 @@ _K_MONO = next(k for k in range(_HALF) if (NUM_TRAIN_TIMESTEPS - 1) * 10000 ** (
 _ROUTER_SLOPE = 40.0  # sharp switch at each unit's threshold timestep
 
 
-def _install_time_feature(model: DyDiT) -> torch.Tensor:
-    """Make temb[0] a monotone increasing function of t; return its value at every t."""
+def _install_time_feature(model: DyDiT) -> tuple[torch.Tensor, int]:
+    """Make temb[0] a monotone increasing function of t; return its value at every t, and its channel.
+
+    A family whose routers read the raw sinusoid (U-ViT's time token) has such a channel already.
+    """
+    if not hasattr(model, "t_embedder"):
+        from .families import family_module
+
+        return family_module(model.config.family).time_feature(model, NUM_TRAIN_TIMESTEPS)
     mlp = model.t_embedder.mlp
     with torch.no_grad():
         mlp[0].weight[0].zero_()
@@ -37,10 +45,10 @@ def _install_time_feature(model: DyDiT) -> torch.Tensor:
         mlp[2].weight[0].zero_()
         mlp[2].weight[0, 0] = 1.0
         mlp[2].bias[0] = 0.0
-        return model.t_embedder(torch.arange(NUM_TRAIN_TIMESTEPS))[:, 0].clone()
+        return model.t_embedder(torch.arange(NUM_TRAIN_TIMESTEPS))[:, 0].clone(), 0
 
 
-def _set_tdw_routers(model: DyDiT, feature: torch.Tensor, cut_t: np.ndarray) -> None:
+def _set_tdw_routers(model: DyDiT, feature: torch.Tensor, cut_t: np.ndarray, channel: int = 0) -> None:
     """Head/group j of layer l is active for t < cut_t[kind, l, j-1] (logit = slope·(θ − temb₀))."""
     theta = np.interp(cut_t, np.arange(NUM_TRAIN_TIMESTEPS), feature.numpy())
     # cut below 0 or above 999: never / always on
@@ -49,7 +57,7 @@ def _set_tdw_routers(model: DyDiT, feature: torch.Tensor, cut_t: np.ndarray) -> 
         for l, block in enumerate(model.blocks):
             for kind, router in enumerate((block.attn_rate.router, block.mlp_rate.router)):
                 router.weight.zero_()
-                router.weight[:, 0] = -_ROUTER_SLOPE
+                router.weight[:, channel] = -_ROUTER_SLOPE
                 router.bias.copy_(torch.from_numpy(_ROUTER_SLOPE * theta[kind, l]).float())
 
 
@@ -77,7 +85,7 @@ def _calibrate_token_routers(model: DyDiT, keep: float, batch: int, generator: t
     try:
         x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
-        y = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
+        y, _ = sample_conditions(model, batch, generator)
         model(x, t, y)
     finally:
         for h in handles:
@@ -101,14 +109,14 @@ def synthesize(
     cfg = ModelConfig(**{**cfg.to_dict(), "dynamic": True}).validate()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DyDiT(cfg).eval()
-    feature = _install_time_feature(model)
+    model = build_model(cfg).eval()
+    feature, channel = _install_time_feature(model)
     rng = np.random.default_rng(seed)
     h = cfg.num_heads
     u = -np.sort(-rng.uniform(0.0, 1.0, size=(2, cfg.depth, h - 1)), axis=-1)  # decreasing in j
 
     def ratio_at(shift: float) -> float:
-        _set_tdw_routers(model, feature, np.round(NUM_TRAIN_TIMESTEPS * (u + shift)))
+        _set_tdw_routers(model, feature, np.round(NUM_TRAIN_TIMESTEPS * (u + shift)), channel)
         hm, cm = model.tdw_masks(torch.arange(NUM_TRAIN_TIMESTEPS))
         return flops_ratio(cfg, hm.numpy(), cm.numpy(), token_keep)
 

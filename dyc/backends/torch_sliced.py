@@ -533,12 +533,19 @@ class TorchBackend(Backend):
                            "they do not match")
         cfg, dt = bundle.config, _TORCH_DTYPES[dtype]
         layouts = [GroupLayout(g.heads, g.channels, g.vary_head, g.vary_channel) for g in bundle.groups]
-        self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
-        self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
-                                  shared_masks=not per_row_masks) for lay in layouts]  # else one t per call
+        if cfg.family != "dit":  # U-ViT / PixArt-α engines (dyc.families)
+            from .torch_family import build_modules
+
+            if per_row_masks:
+                raise DycError(f"per-request masks (mixed timesteps in one call) are for DiT bundles, not {cfg.name}")
+            self.shared, self.modules = build_modules(cfg, model.state_dict(), layouts, dt, self._device)
+        else:
+            self.shared = SharedWeights(cfg, model.state_dict(), layouts, dtype=dt, device=self._device)
+            self.modules = [SlicedDiT(cfg, None, lay, dtype=dt, device=self._device, shared=self.shared,
+                                      shared_masks=not per_row_masks) for lay in layouts]  # else one t per call
+            for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
+                mod.keep_rates = rates
         self.mixed_timesteps = per_row_masks
-        for mod, rates in zip(self.modules, group_keep_rates(bundle) or [], strict=False):
-            mod.keep_rates = rates
         self.graphs = GraphRunner(self.modules) if (cuda_graphs and self._device.type == "cuda") else None
         self.dtype = dt
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..families import sample_conditions
 from ..flops import block_flops, dynamic_flops
 from ..model import DyDiT
 from ..noise_schedule import linear_alphas_cumprod
@@ -70,8 +71,8 @@ def calibrate_keep_rates(
     gen = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     x = torch.randn(samples, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(dtype)
-    y = torch.randint(0, cfg.num_classes, (samples,), generator=gen)
-    y_cfg = torch.cat([y, torch.full_like(y, cfg.num_classes)])  # null class for the guided half
+    y, null = sample_conditions(model, samples, gen)  # DiT: uniform classes and the null class
+    y_cfg = torch.cat([y, null])  # the null condition for the guided half
     abar = linear_alphas_cumprod()
     rates = np.zeros((len(ts), cfg.depth))
     for i, t in enumerate(ts):

@@ -47,7 +47,7 @@ from .slice import unit_orders
 
 Progress = Callable[[str], None]
 # what a bundle directory may hold: anything else in it makes it "not a bundle" (never deleted)
-_BUNDLE_ENTRY = re.compile(r"^(manifest\.json|weights\.bin|group\d+(\.trt|\.cuda)?\.onnx|engines)$")
+_BUNDLE_ENTRY = re.compile(r"^(manifest\.json|weights\.bin|null_text\.npy|group\d+(\.trt|\.cuda)?\.onnx|engines)$")
 _ENGINES_ENTRY = re.compile(r"^(group\d+\.plan|trt_manifest\.json|timing\.cache|\..+\.tmp(-\d+)?)$")
 
 
@@ -225,7 +225,7 @@ def write_bundle(
                     name = group_file(g.index, variant, cfg.dynamic)
                     if (tmp / name).exists():
                         continue
-                    model = build_graph(cfg, sd, g, store, variant, orders)
+                    model = graph_builder(cfg)(cfg, sd, g, store, variant, orders)
                     save_model(model, tmp / name)
                     if variant == "std":
                         group_macs.append(_macs_by_layer(model, cfg.depth))
@@ -233,9 +233,14 @@ def write_bundle(
                     progress(f"export: group {g.index + 1}/{len(plan.groups)} (t {g.t_lo}-{g.t_hi}), "
                              f"weights {store.size() / 2**30:.2f} GiB")
             weights_info = {"bytes": store.size(), "sha256": store.sha256()}
+        from ..runtime.conditions import bundle_files
+
+        extra = bundle_files(cfg, sd)  # a family's files beside the graphs (PixArt-α: the null text)
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
         files = {WEIGHTS_FILE: weights_info}
         for f in sorted(tmp.iterdir()):
-            if f.suffix == ".onnx":
+            if f.suffix == ".onnx" or f.name in extra:
                 files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         lam_onnx = _onnx_ratio(cfg, plan, group_macs, keep)
         manifest = build_manifest(plan, cfg, files, group_macs, source, lam_onnx)
@@ -253,10 +258,19 @@ def write_bundle(
     return out, manifest
 
 
+def graph_builder(cfg: ModelConfig):
+    """The exporter of the model's family (DiT: ``export.build_graph``; others: ``dyc.families``)."""
+    if cfg.family == "dit":
+        return build_graph
+    import importlib
+
+    return importlib.import_module(f"dyc.families.{cfg.family}_onnx").build_graph
+
+
 def _macs_by_layer(model: onnx.ModelProto, depth: int) -> dict:
     """Counted MACs of a graph at keep 1, with the MLP split per layer (it scales with keep[l])."""
     full, layers = count_macs_by_layer(model, depth)
-    out = {k: full[k] for k in ("embed", "adaln", "attn", "mlp", "routers", "final", "total")}
+    out = {k: full[k] for k in ("embed", "adaln", "attn", "mlp", "routers", "final", "other", "total")}
     out["mlp_layers"] = layers["mlp"]
     return out
 

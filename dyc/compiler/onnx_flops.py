@@ -20,17 +20,23 @@ from onnx import shape_inference
 
 from ..errors import DycError
 
-CATEGORIES = ("embed", "adaln", "attn", "mlp", "routers", "final")
-_LAYER = re.compile(r"^blocks\.(\d+)\.(adaLN|attn|mlp|token_selection)/")
+CATEGORIES = ("embed", "adaln", "attn", "mlp", "routers", "final", "other")
+# skip (U-ViT's long skips) and cross_attn (PixArt-α) are parts of other families' blocks (dyc.families)
+_LAYER = re.compile(r"^blocks\.(\d+)\.(adaLN|attn|mlp|token_selection|skip|cross_attn)/")
+_PARTS = {"adaLN": "adaln", "attn": "attn", "mlp": "mlp", "token_selection": "routers", "skip": "other",
+          "cross_attn": "other"}
 
 
 def _category(node_name: str) -> tuple[str, int | None]:
     m = _LAYER.match(node_name)
     if m:
-        part = {"adaLN": "adaln", "attn": "attn", "mlp": "mlp", "token_selection": "routers"}[m.group(2)]
-        return part, int(m.group(1))
+        return _PARTS[m.group(2)], int(m.group(1))
     if node_name.startswith("embed/"):
         return "embed", None
+    if node_name.startswith("adaLN/"):  # PixArt-α's t_block
+        return "adaln", None
+    if node_name.startswith("text/"):  # PixArt-α's text projection
+        return "other", None
     if node_name.startswith("final.adaLN/"):
         return "adaln", None
     if node_name.startswith("final/"):

@@ -39,6 +39,7 @@ import torch
 from ..bundle import Bundle
 from ..checkpoint import load_checkpoint
 from ..errors import ChecksumMismatch, DycError, UsageError
+from ..families import mixed_conditions
 
 FLOOR = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 2e-2}
 SLACK = 10.0
@@ -166,18 +167,24 @@ def verify_bundle(
         max_abs = max_rel = eager_rel = 0.0
         for t in ts:
             x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
-            y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)  # null class included
+            if cfg.family == "dit":
+                y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)  # null class included
+            else:  # another family's condition (dyc.families), the null one included
+                y = mixed_conditions(model, batch, gen)
             tt = torch.full((batch,), t, dtype=torch.long)
             masks = None
             if cfg.dynamic:
                 h, c = (torch.from_numpy(m).double().expand(batch, -1, -1) for m in bundle.masks_for_t(t))
                 masks = (h, c)
             with torch.no_grad():
-                ref = ref_model(x.double(), tt, y, threshold_offset=offset, tdw_masks=masks).numpy()
-                dt = dt_model(x.to(_TORCH[bundle.dtype]), tt, y, threshold_offset=offset,
+                # a float condition (PixArt-α's text) goes in each model's dtype, class ids as they are
+                yd, yt = (y.double(), y.to(_TORCH[bundle.dtype])) if y.is_floating_point() else (y, y)
+                ref = ref_model(x.double(), tt, yd, threshold_offset=offset, tdw_masks=masks).numpy()
+                dt = dt_model(x.to(_TORCH[bundle.dtype]), tt, yt, threshold_offset=offset,
                               tdw_masks=None if masks is None else tuple(m.to(_TORCH[bundle.dtype]) for m in masks))
             if backend is None:
-                feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(), "y": y.numpy()}
+                feeds = {"x": _to_ort(x.numpy(), bundle.dtype), "t": tt.numpy(),
+                         "y": y.numpy() if not y.is_floating_point() else _to_ort(y.numpy(), bundle.dtype)}
                 feeds.update({k: _to_ort(v, bundle.dtype) for k, v in bundle.mask_inputs(t, batch).items()})
                 out = sess.run(None, feeds)[0].astype(np.float64)
             else:

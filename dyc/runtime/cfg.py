@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 
 
-def cfg_inputs(x: torch.Tensor, y: torch.Tensor, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The doubled batch: (x ‖ x, y ‖ null)."""
+def cfg_inputs(x: torch.Tensor, y: torch.Tensor, null_class: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The doubled batch: (x ‖ x, y ‖ null). ``null_class`` may be a null embedding (PixArt-α's null text,
+    broadcast over the batch)."""
+    if isinstance(null_class, torch.Tensor):
+        return torch.cat([x, x]), torch.cat([y, null_class.to(device=y.device, dtype=y.dtype).expand_as(y)])
     return torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])
 
 

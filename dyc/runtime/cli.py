@@ -35,21 +35,22 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
-def load_noise(path: Path) -> np.ndarray:
+def load_noise(path: Path, option: str = "--noise") -> np.ndarray:
+    """A float32 .npy array (``option`` names the flag in errors)."""
     import io
 
     import numpy as np
 
-    data = read_bytes(path, "--noise .npy file")  # a FIFO or device is refused, not waited on
+    data = read_bytes(path, f"{option} .npy file")  # a FIFO or device is refused, not waited on
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise DycError(f"--noise {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
+        raise DycError(f"{option} {path}: not a .npy array ({str(e).splitlines()[0] if str(e) else 'unreadable'})"
                        ) from None
     if not isinstance(arr, np.ndarray):
-        raise DycError(f"--noise {path}: holds several arrays (.npz); give one .npy array")
+        raise DycError(f"{option} {path}: holds several arrays (.npz); give one .npy array")
     if arr.dtype != np.float32:
-        raise DycError(f"--noise {path}: dtype is {arr.dtype}, expected float32")
+        raise DycError(f"{option} {path}: dtype is {arr.dtype}, expected float32")
     return arr
 
 
@@ -143,6 +144,14 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--noise", type=click.Path(path_type=Path), default=None,
               help="Initial latents, float32 .npy [num_samples, C, H, W] (reproducible across backends).")
+@click.option("--deepcache", type=int, default=None,
+              help="DeepCache interval N: every N-th step runs the whole model, the others reuse its deep blocks' "
+                   "residual (eager and torch backends, DiT-family models).")
+@click.option("--deepcache-shallow", type=int, default=1, show_default=True,
+              help="DeepCache: blocks run at each end of the network on the cached steps.")
+@click.option("--text-emb", "text_emb", type=click.Path(path_type=Path), default=None,
+              help="Text-to-image models (PixArt-α): the prompts' text-encoder embeddings, float32 .npy "
+                   "[num_samples, T, C] (T5-XXL: [n, 120, 4096]).")
 @click.option("--backend", default="onnxruntime", show_default=True, help=f"One of {', '.join(backend_names())}.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own: cpu for eager and "
               "onnxruntime, cuda for torch and tensorrt).")
@@ -155,8 +164,8 @@ def decode_vae(vae_dir: Path, latents: torch.Tensor, in_channels: int) -> np.nda
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
 @click.option("--num-heads", type=int, default=None,
               help="Attention heads of a plain DiT checkpoint of a non-official width without dyc.config metadata.")
-def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, backend,
-            device, checkpoint, vae_dir, save_latents, outdir, num_heads) -> None:
+def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_samples, batch, seed, noise, deepcache,
+            deepcache_shallow, text_emb, backend, device, checkpoint, vae_dir, save_latents, outdir, num_heads) -> None:
     """Sample class-conditional images from BUNDLE (default: the embedded model, compiled on first use)."""
     import numpy as np
 
@@ -166,6 +175,10 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         raise UsageError(f"--steps must be positive, got {steps}")
     if batch is not None and batch <= 0:
         raise UsageError(f"--batch must be positive, got {batch}")
+    if seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {seed}")
+    if deepcache is not None and backend not in ("eager", "torch"):
+        raise UsageError(f"--deepcache runs on the eager and torch backends, not {backend}")
     if classes is not None:
         parse_classes(classes)
     noise_arr = load_noise(noise) if noise is not None else None
@@ -181,10 +194,24 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     cfg = pipe.config
     if vae_dir is not None and cfg.vae_scale == 1:
         raise DycError("--vae: this is a pixel-space model; its samples are images already")
-    labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
-    pipe.check_classes(labels)
+    text_arr = load_noise(text_emb, "--text-emb") if text_emb is not None else None
+    if cfg.family == "pixart" or not cfg.conditional:  # text embeddings, or nothing, instead of class ids
+        if classes is not None:
+            raise DycError(f"--classes: {cfg.name} takes no class ids"
+                           + (" (give --text-emb)" if cfg.family == "pixart" else " (it is unconditional)"))
+        labels = None
+        count = (text_arr.shape[0] if text_arr is not None and text_arr.ndim == 3 else num_samples
+                 or (noise_arr.shape[0] if noise_arr is not None and noise_arr.ndim == 4 else 8))
+        if num_samples is not None and num_samples != count:
+            raise DycError(f"--num-samples {num_samples} differs from the {count} text embeddings given")
+    else:
+        if text_arr is not None:
+            raise DycError(f"--text-emb: {cfg.name} is not a text-to-image model")
+        labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
+        pipe.check_classes(labels)
+        count = len(labels)
     if noise_arr is not None:
-        pipe.check_noise(noise_arr, len(labels))
+        pipe.check_noise(noise_arr, count)
 
     from ..progress import Progress
     from .samplers import make_sampler
@@ -194,7 +221,9 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     t0 = time.perf_counter()
     with Progress(n, f"{sampler} {n} steps") as bar:
         out = pipe(labels, sampler=sampler, steps=steps, cfg=cfg_scale, cfg_official=cfg_official, seed=seed,
-                   noise=noise_arr, batch=batch, progress=lambda i, n: bar.update(1))
+                   noise=noise_arr, batch=batch, progress=lambda i, n: bar.update(1),
+                   text_emb=text_arr, num_samples=count if labels is None else None, deepcache=deepcache,
+                   deepcache_shallow=deepcache_shallow)
     wall = time.perf_counter() - t0
 
     # every file is written to a temp name and renamed into place: a full disk or a kill never leaves
@@ -212,8 +241,8 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     if images is None and vae_dir is not None:
         images = decode_vae(vae_dir, out.latents, cfg.in_channels)
     if images is not None:
-        for i, (im, label) in enumerate(zip(images, labels, strict=True)):
-            name = f"{i:04d}_class{label}.png"
+        for i, im in enumerate(images):
+            name = f"{i:04d}_class{labels[i]}.png" if labels else f"{i:04d}.png"
             save_png(im, outdir / name)
             written.append(name)
         save_png(grid_image(images), outdir / "grid.png")
@@ -222,13 +251,14 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
         "bundle": out.info.get("bundle"), "backend": out.info.get("backend"), "device": out.info.get("device"),
         "model": cfg.name, "dtype": out.info.get("dtype"), "sampler": out.sampler, "steps": out.steps,
         "seed": seed, "noise": str(noise) if noise is not None else None, "cfg": out.cfg,
-        "cfg_official": out.cfg_official, "classes": labels, "batch": batch or len(labels),
+        "cfg_official": out.cfg_official, "classes": labels, "batch": batch or count,
         "trace": [s.to_dict() for s in out.trace], "sampling_ms": round(out.total_ms, 3),
         "total_s": round(wall, 4), "outputs": written,
+        **({"deepcache": out.info["deepcache"]} if "deepcache" in out.info else {}),
     }
     atomic_write_text(outdir / "run.json", json.dumps(record, indent=1) + "\n", "run record")
     written.append("run.json")
     per_step = out.total_ms / max(1, out.steps)
-    click.echo(f"{cfg.name}: {len(labels)} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "
+    click.echo(f"{cfg.name}: {count} sample(s), {out.sampler} {out.steps} steps, cfg {out.cfg:g} on "
                f"{out.info.get('backend')} ({out.info.get('device')}): {wall:.2f} s, {per_step:.1f} ms/step "
                f"-> {outdir}/")

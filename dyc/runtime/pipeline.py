@@ -218,6 +218,8 @@ class Pipeline:
 
     # ---- checks ------------------------------------------------------------------------------
     def check_classes(self, classes: Sequence[int] | int | torch.Tensor) -> list[int]:
+        if classes is None:
+            raise DycError("give at least one class id")
         if isinstance(classes, torch.Tensor | np.ndarray):
             classes = classes.tolist()
         if isinstance(classes, int):
@@ -255,9 +257,19 @@ class Pipeline:
         return noise
 
     # ---- sampling ----------------------------------------------------------------------------
+    def null_condition(self) -> int | torch.Tensor:
+        """The null condition for guidance: the null class id, or PixArt-α's null text embedding."""
+        if self.config.family != "pixart":
+            return self.config.num_classes
+        if getattr(self, "_null_text", None) is None:
+            from .conditions import null_text
+
+            self._null_text = null_text(self.bundle, None if self.bundle else getattr(self.backend, "model", None))
+        return self._null_text
+
     def _model(self, t: int, x: torch.Tensor, y: torch.Tensor, cfg: float, official: bool) -> tuple[int, torch.Tensor]:
         if cfg != 1.0:
-            x, y = cfg_inputs(x, y, self.config.num_classes)
+            x, y = cfg_inputs(x, y, self.null_condition())
         g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype],
                                          omit_full_masks=self.backend.optional_masks)
         out = self.backend.run_group(g.index, feeds).to(device=x.device, dtype=torch.float32)
@@ -265,25 +277,47 @@ class Pipeline:
             out = cfg_combine(out, self.config.in_channels, cfg, official)
         return g.index, out
 
+    def _model_cached(self, t: int, x: torch.Tensor, y: torch.Tensor, cfg: float, official: bool, call,
+                      cache: dict, key: int, refresh: bool) -> tuple[int, torch.Tensor]:
+        """``_model`` with DeepCache (dyc.runtime.deepcache): ``cache[key]`` holds this chunk's Δ."""
+        if cfg != 1.0:
+            x, y = cfg_inputs(x, y, self.null_condition())
+        g, feeds = self.scheduler.inputs(t, x, y, dtype=_TORCH_DTYPES[self.dtype],
+                                         omit_full_masks=self.backend.optional_masks)
+        out, cache[key] = call(g.index, feeds, None if refresh else cache[key])
+        out = out.to(device=x.device, dtype=torch.float32)
+        if cfg != 1.0:
+            out = cfg_combine(out, self.config.in_channels, cfg, official)
+        return g.index, out
+
     @torch.no_grad()
     def __call__(
-        self, classes: Sequence[int] | int | torch.Tensor, *, sampler: str = "ddim", steps: int | None = None,
-        cfg: float = 1.0, cfg_official: bool = False, seed: int | None = 0,
+        self, classes: Sequence[int] | int | torch.Tensor | None = None, *, sampler: str = "ddim",
+        steps: int | None = None, cfg: float = 1.0, cfg_official: bool = False, seed: int | None = 0,
         noise: torch.Tensor | np.ndarray | None = None, batch: int | None = None,
-        progress: Progress | None = None,
+        progress: Progress | None = None, text_emb: torch.Tensor | np.ndarray | None = None,
+        num_samples: int | None = None, deepcache: int | None = None, deepcache_shallow: int = 1,
     ) -> PipelineOutput:
         """Sample one image (latent) per class id.
 
         ``cfg`` > 1 (or any value ≠ 1) turns on classifier-free guidance with the null class;
         ``cfg_official`` guides only the first three channels as DiT's ``forward_with_cfg``.
         ``noise`` [M, C, S, S] float32 fixes the initial latents; ``batch`` caps samples per engine call.
+        ``deepcache`` N: DeepCache with interval N, ``deepcache_shallow`` blocks run at each end on the
+        cached steps (dyc.runtime.deepcache; eager and torch backends, DiT-family models).
         """
-        classes = self.check_classes(classes)
-        m = len(classes)
+        from .conditions import conditions
+
+        # class ids; text embeddings [n, T, C_text] (``text_emb``, PixArt-α); an unconditional model
+        # takes ``num_samples`` (dyc.runtime.conditions)
+        y_all, classes = conditions(self.config, classes, text_emb, num_samples, self.check_classes)
+        m = y_all.shape[0]
         s = make_sampler(sampler, steps)
         cfg = float(cfg)
         if not np.isfinite(cfg) or cfg < 0:
             raise DycError(f"cfg scale must be a finite number ≥ 0, got {cfg}")
+        if not self.config.conditional:
+            cfg = 1.0  # nothing to guide by
         if batch is None:
             batch = m
         if isinstance(batch, bool) or int(batch) != batch or batch < 1:
@@ -291,6 +325,12 @@ class Pipeline:
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
             raise DycError(f"seed must be a non-negative integer, got {seed!r}")
         self.scheduler.check_schedule(s.timesteps)  # fail before any work if a t has no group
+        dc = dc_call = None
+        if deepcache is not None:
+            from .deepcache import DeepCache, backend_caller
+
+            dc = DeepCache(deepcache, deepcache_shallow).check(self.config)
+            dc_call, dc_cache = backend_caller(self.backend, dc.shallow), {}
         if seed is None:  # a fresh seed, recorded in the output so the run can be repeated
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         gen = torch.Generator().manual_seed(int(seed))
@@ -300,7 +340,7 @@ class Pipeline:
             noise = self.check_noise(noise, m)
         dev = self.backend.device
         x = noise.to(dev)
-        y = torch.tensor(classes, dtype=torch.int64, device=dev)
+        y = y_all.to(dev)
         cuda = dev.type == "cuda"
         trace: list[StepTrace] = []
         t_start = time.perf_counter()
@@ -308,7 +348,11 @@ class Pipeline:
             t0 = time.perf_counter()
             outs, group = [], -1
             for lo in range(0, m, int(batch)):
-                group, o = self._model(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official)
+                if dc is not None:
+                    group, o = self._model_cached(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official, dc_call,
+                                                  dc_cache, lo, dc.refresh(i))
+                else:
+                    group, o = self._model(t, x[lo:lo + batch], y[lo:lo + batch], cfg, cfg_official)
                 outs.append(o)
             x = s.step(i, x, torch.cat(outs), gen)
             if cuda:
@@ -322,7 +366,8 @@ class Pipeline:
         return PipelineOutput(
             latents=latents, classes=classes, trace=trace, total_ms=total, sampler=s.name, steps=len(s), cfg=cfg,
             cfg_official=cfg_official, seed=seed, images=images,
-            info={"bundle": self.source, "backend": self.backend.name, "device": str(dev), "dtype": self.dtype},
+            info={"bundle": self.source, "backend": self.backend.name, "device": str(dev), "dtype": self.dtype,
+                  **({"deepcache": {"interval": dc.interval, "shallow": dc.shallow}} if dc else {})},
         )
 
     def close(self) -> None:

@@ -124,7 +124,8 @@ class Scheduler:
         feeds: dict[str, torch.Tensor] = {
             "x": x.to(dtype),
             "t": torch.full((b,), int(t), dtype=torch.int64, device=x.device),
-            "y": y.to(device=x.device, dtype=torch.int64),
+            # class ids, or (PixArt-α) text embeddings in the engine's dtype
+            "y": y.to(device=x.device, dtype=dtype if y.is_floating_point() else torch.int64),
         }
         for name in ("head_mask", "channel_mask"):
             if name in g.inputs and not (omit_full_masks and self.full_width(int(t), g, name)):
