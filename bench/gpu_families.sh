@@ -35,7 +35,7 @@ run() {
   fi
   # shellcheck disable=SC2086
   timeout 540 python3 -m dyc.cli bench "$W/$name.safetensors" --backends torch --dtype bf16 --sampler ddim \
-    --steps "$STEPS" --repeats "$REPEATS" $extra --json "$OUT/$name.json" >> "$LOG" 2>&1 \
+    --steps "$STEPS" --repeats "$REPEATS" $extra -o "$OUT/$name.json" >> "$LOG" 2>&1 \
     || echo "$name: bench FAILED (rc $?)" | tee -a "$LOG"
   echo "=== $name: $((SECONDS - t0)) s" | tee -a "$LOG"
 }

@@ -118,7 +118,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for dt in $DTYPES; do
     dyc bench "$CK" --batch "$BATCH" --steps 50 --sampler ddim --dtype bf16 \
       --backends eager,torch-static,torch,onnxruntime --bundle /tmp/xl_${LAMBDA}_$dt.dyc \
-      --json "$OUT/bench_ort_$dt.json" 2>&1 | tail -12
+      -o "$OUT/bench_ort_$dt.json" 2>&1 | tail -12
     python3 - "$OUT/bench_ort_$dt.json" "$dt" <<'PY' 2>&1 | tee -a "$SUMMARY"
 import json, sys
 rows = {r["backend"]: r for r in json.load(open(sys.argv[1]))["rows"]}

@@ -215,7 +215,7 @@ def test_top_level_ctest_runs_the_engine_unit_tests(built_lib):
     assert r.returncode == 0 and "100% tests passed" in r.stdout and "dyc_unit" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.plugins_build
 def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
     """shared_channel_mask=1 reads row 0 of channel_mask for every image (the contract of the CUDA flag)."""
     ort = pytest.importorskip("onnxruntime")
@@ -242,7 +242,7 @@ def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
     torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.plugins_build
 def test_cuda_graphs_of_a_dydit_run_on_the_cpu(built_lib, tmp_path):
     """The bundle's cuda graphs (dyc::SdtMlp with a shared mask, MultiHeadAttention) through the onnxruntime
     backend on the CPU, fp32, every group against the eager model: the maths the CUDA EP runs."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DycError
+from ..errors import DycError, UsageError
 from ..model import timestep_embedding
 
 
@@ -41,11 +41,11 @@ class DeepCache:
 
     def check(self, cfg) -> DeepCache:
         if isinstance(self.interval, bool) or int(self.interval) != self.interval or self.interval < 1:
-            raise DycError(f"DeepCache interval must be a positive integer, got {self.interval!r}")
+            raise UsageError(f"DeepCache interval must be a positive integer, got {self.interval!r}")
         if cfg.family != "dit":
             raise DycError(f"DeepCache is implemented for DiT-family models, not {cfg.name}")
         if not 1 <= self.shallow or 2 * self.shallow >= cfg.depth:
-            raise DycError(f"DeepCache shallow blocks must be in 1..{(cfg.depth - 1) // 2} for {cfg.depth} blocks, "
+            raise UsageError(f"DeepCache shallow blocks must be in 1..{(cfg.depth - 1) // 2} for {cfg.depth} blocks, "
                            f"got {self.shallow}")
         return self
 
