@@ -52,10 +52,10 @@ def reference(classes, *, seed: int, steps: int, sampler: str = "ddim", cfg: flo
     return _REFERENCES[key]
 
 
-def assert_matches(got: np.ndarray | torch.Tensor, want: torch.Tensor) -> None:
+def assert_matches(got: np.ndarray | torch.Tensor, want: torch.Tensor, tol: float = RTOL) -> None:
     got = torch.as_tensor(np.array(got))  # a copy: tritonclient's arrays are read-only
     assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
 def numpy_dir(d: Path) -> Path:

@@ -243,7 +243,10 @@ def test_torch_backend_per_row_masks_mixes_timesteps():
             assert b.snapshot()["mixed_t_calls"] > 0
         for r, got in zip(requests, results, strict=True):
             want = shared(list(r.classes), sampler=r.sampler, steps=r.steps, cfg=r.cfg, seed=r.seed).latents
-            assert_matches(got, want)
+            # two fp32 computations (masked per row vs sliced), compared after a whole CFG chain: each step's
+            # ~1e-6 difference is multiplied by the guidance (1 + 2 x cfg) and carried on; 3.6e-5 of the
+            # latents' max seen on one CPU, 1e-5 on another
+            assert_matches(got, want, tol=1e-4)
 
 
 def test_engine_failure_fails_its_requests_only(pipe):

@@ -55,3 +55,48 @@ def test_prepare_without_a_folder(monkeypatch):
     monkeypatch.setattr(stub_env, "numpy_major", lambda path=None: 2)
     with pytest.raises(DycError, match="give --stub-numpy DIR"):
         stub_env.prepare(None)
+
+
+@pytest.mark.skipif(subprocess.run(["which", "ldd"], capture_output=True).returncode != 0, reason="needs ldd")
+def test_server_libraries_found_when_pytriton_is_not_in_site_packages(tmp_path):
+    """PyTriton installed with ``pip install --target DIR`` (+ PYTHONPATH) takes itself for an editable
+    install and points tritonserver at a folder that does not exist; a copy of the server binary (PyTriton
+    runs one from its workspace) then misses libcudart (seen on the H200). find_server_libs fixes the path."""
+    pytriton = pytest.importorskip("pytriton")
+    pkg = Path(pytriton.__file__).parent
+    libs = pkg.parent / "nvidia_pytriton.libs"
+    if not libs.is_dir():
+        pytest.skip("this PyTriton has no nvidia_pytriton.libs beside it (not a wheel install)")
+    target = tmp_path / "target"  # what pip install --target leaves: the package and its libs side by side
+    target.mkdir()
+    (target / "pytriton").symlink_to(pkg)
+    (target / "nvidia_pytriton.libs").symlink_to(libs)
+    server = tmp_path / "workspace" / "tritonserver"  # PyTriton copies the server out of the package
+    server.mkdir(parents=True)
+    (server / "tritonserver").write_bytes((pkg / "tritonserver" / "bin" / "tritonserver").read_bytes())
+    (server / "tritonserver").chmod(0o755)
+    code = ("import os, sys; from pytriton.utils import distribution as d; from dyc.serve import stub_env; "
+            "print(d.get_libs_path().is_dir()); stub_env.find_server_libs(); print(os.environ['LD_LIBRARY_PATH'])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(Path(__file__).parents[1])]),
+           "LD_LIBRARY_PATH": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    not_found_by_pytriton, ld_path = r.stdout.split()
+    assert not_found_by_pytriton == "False"  # PyTriton's own lookup fails in this layout
+    assert ld_path.split(":")[0] == str(target / "nvidia_pytriton.libs")
+
+    def missing(ld: str) -> list[str]:
+        out = subprocess.run(["ldd", str(server / "tritonserver")], capture_output=True, text=True,
+                             env={**os.environ, "LD_LIBRARY_PATH": ld}).stdout
+        return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+    assert any("cudart" in m for m in missing("")), "the copied server should miss libcudart without the path"
+    assert missing(ld_path) == []
+
+
+def test_server_libraries_missing_is_a_clear_error(tmp_path, monkeypatch):
+    distribution = pytest.importorskip("pytriton.utils.distribution")
+    monkeypatch.setattr(distribution, "get_libs_path", lambda: tmp_path / "external_libs")
+    monkeypatch.setattr(distribution, "get_root_module_path", lambda: tmp_path / "pytriton")
+    with pytest.raises(DycError, match="reinstall nvidia-pytriton"):
+        stub_env.find_server_libs()

@@ -14,10 +14,11 @@ go through
 
 Error of a group: the largest relative error max |onnx − ref| / max |ref| of any of its samples.
 It passes when every output is finite and that error is at most ``max(FLOOR[dtype], SLACK × e)``,
-``e`` the eager model's largest error over the same samples. The graph computes the same
-operations in the same precision in another order (other kernels, fused ops), so its rounding
-error is of the size of the eager model's: over random, badly conditioned models the ratio of the
-two largest errors stayed below 8.1 (per sample it scatters far more, so samples are pooled);
+``e`` the eager model's largest error over the samples of every group (the model's conditioning in
+this dtype). The graph computes the same operations in the same precision in another order (other
+kernels, fused ops), so its rounding error is of the size of the eager model's: over random, badly
+conditioned models the ratio of the two largest errors stayed below 8.1 (per sample it scatters
+far more, so samples are pooled: over a group's few samples alone a lucky eager error once gave 25);
 ``SLACK`` = 10. The floor (fp32 1e-5 ≈ 170 unit roundoffs, fp16 1e-2 ≈ 20) covers
 well-conditioned models, whose eager error is far below it. A model whose eager forward is itself
 more than ``UNFIT[dtype]`` off float64 is reported as unfit for that dtype (a failure, not a
@@ -86,7 +87,8 @@ class VerifyReport:
             rows.append(f"{g.group:>5}  {g.t_range:>9}  {g.timesteps:>5}  {g.max_abs:>10.3e}  {g.max_rel:>10.3e}  "
                         f"{g.eager_rel:>10.3e}  {g.tolerance:>10.3e}  {verdict}")
         how = (f"fixed tolerance {self.tolerance:g}" if self.tolerance is not None else
-               f"tolerance max({FLOOR[self.dtype]:g}, {SLACK:g} × the eager {self.dtype} model's own error)")
+               f"tolerance max({FLOOR[self.dtype]:g}, {SLACK:g} × the eager {self.dtype} model's own error "
+               "over all groups)")
         verdict = "all groups within" if self.ok else "ERRORS ABOVE"
         rows.append(f"{verdict} {how}; relative to the eager float64 model ({self.dtype} bundle)")
         return "\n".join(rows)
@@ -160,7 +162,7 @@ def verify_bundle(
     dt_model = model if bundle.dtype == "fp32" else model.to(_TORCH[bundle.dtype])
     gen = torch.Generator().manual_seed(seed)
     weights = bundle.weights_bytes()  # read and checked once for every group's session
-    checks = []
+    measured = []
     for g in bundle.groups:
         ts = [t for t in schedule if g.contains(t)] or [g.t_lo]
         sess = bundle_session(bundle, g, "std", weights=weights) if backend is None else None
@@ -194,7 +196,17 @@ def verify_bundle(
             abs_err, rel = _rel(out, ref)
             max_abs, max_rel = max(max_abs, float(abs_err.max())), max(max_rel, float(rel.max()))
             eager_rel = max(eager_rel, float(_rel(dt.double().numpy(), ref)[1].max()))
-        tol = float(tolerance) if tolerance is not None else max(FLOOR[bundle.dtype], SLACK * eager_rel)
+        measured.append((g, len(ts), max_abs, max_rel, eager_rel))
+        if progress:
+            progress(f"verify: group {g.index + 1}/{len(bundle.groups)}: max rel {max_rel:.2e} over {len(ts)} t "
+                     f"(eager {bundle.dtype}: {eager_rel:.2e})")
+    # the model's own rounding error in this dtype, pooled over every group's samples: a group with
+    # one or two samples can be luckily exact in eager (seen: 9e-7 at t = 0 where the model is 2.6e-5
+    # off elsewhere) while other kernels (MLAS's tanh/exp approximations) round it as the model does
+    model_rel = max((m[4] for m in measured), default=0.0)
+    tol = float(tolerance) if tolerance is not None else max(FLOOR[bundle.dtype], SLACK * model_rel)
+    checks = []
+    for g, n_t, max_abs, max_rel, eager_rel in measured:
         problem = ""
         if not np.isfinite(max_rel):
             problem = "NaN or Inf in the output"
@@ -204,11 +216,7 @@ def verify_bundle(
             problem = (f"the model itself is unfit for {bundle.dtype}: its eager {bundle.dtype} forward is "
                        f"{eager_rel:.2g} off float64")
         ok = not problem and max_rel <= tol
-        checks.append(GroupCheck(g.index, f"{g.t_lo}-{g.t_hi}", len(ts), max_abs, max_rel, eager_rel, tol, ok,
-                                 problem))
-        if progress:
-            progress(f"verify: group {g.index + 1}/{len(bundle.groups)}: max rel {max_rel:.2e} over {len(ts)} t "
-                     f"(eager {bundle.dtype}: {eager_rel:.2e}, tolerance {tol:.2e})")
+        checks.append(GroupCheck(g.index, f"{g.t_lo}-{g.t_hi}", n_t, max_abs, max_rel, eager_rel, tol, ok, problem))
     return VerifyReport(str(bundle.path), bundle.dtype, None if tolerance is None else float(tolerance), checks)
 
 

@@ -49,6 +49,7 @@ from ..model import (
     threshold_gate,
 )
 from . import router_flops
+from .routed import TimestepRouted
 
 TEXT_CHANNELS = 4096  # T5-XXL
 TEXT_LEN = 120  # PixArt-α's model_max_length
@@ -218,7 +219,7 @@ class FinalLayer(nn.Module):
         return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
 
 
-class PixArt(nn.Module):
+class PixArt(TimestepRouted, nn.Module):
     """PixArt-α (``cfg.dynamic=False``) or DyPixArt-α, official masked semantics; the interface of ``DyDiT``.
 
     ``model(x, t, y)``: ``y`` the text embeddings [B, T, C_text] (``y_embedder.y_embedding`` is the
@@ -273,27 +274,10 @@ class PixArt(nn.Module):
         out = out.reshape(out.shape[0], oc, g * p, g * p)
         if not return_masks:
             return out
-        if not record:
-            ones = torch.ones(x.shape[0], cfg.depth, cfg.num_heads)
-            return out, {"head": ones, "channel": ones.clone(), "token": torch.ones(x.shape[0], cfg.depth,
-                                                                                     cfg.num_tokens)}
-        return out, {key: torch.stack(v, dim=1) for key, v in record.items()}
+        return out, self.recorded_masks(x.shape[0], record)
 
-    @torch.no_grad()
-    def tdw_masks(self, t: torch.Tensor, threshold_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        if not cfg.dynamic:
-            ones = torch.ones(len(t), cfg.depth, cfg.num_heads)
-            return ones, ones.clone()
-        temb = self.t_embedder(t)
-        pairs = [b.tdw_masks(temb, threshold_gate, threshold_offset) for b in self.blocks]
-        return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
-
-    @torch.no_grad()
-    def router_logits(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        temb = self.t_embedder(t)
-        return (torch.stack([b.attn_rate(temb) for b in self.blocks], 1),
-                torch.stack([b.mlp_rate(temb) for b in self.blocks], 1))
+    def time_embed(self, t: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t)
 
 
 def build(cfg: ModelConfig) -> PixArt:

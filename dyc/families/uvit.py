@@ -30,6 +30,7 @@ from ..config import UVIT_SIZES, ModelConfig
 from ..errors import DycError
 from ..model import Gate, PatchEmbed, Router, TokenSelection, _with_head_zero, threshold_gate, timestep_embedding
 from . import router_flops
+from .routed import TimestepRouted
 
 LN_EPS = 1e-5  # torch's LayerNorm default, which U-ViT uses
 _HEADS_BY_WIDTH = {c: h for c, _, h in UVIT_SIZES.values()}
@@ -193,7 +194,7 @@ class Block(nn.Module):
         return x + y
 
 
-class UViT(nn.Module):
+class UViT(TimestepRouted, nn.Module):
     """U-ViT (``cfg.dynamic=False``) or DyU-ViT, official masked semantics; the interface of ``DyDiT``.
 
     ``model(x, t, y)``: ``y`` class ids [B] (the null class ``num_classes`` for guidance), ignored by
@@ -264,28 +265,10 @@ class UViT(nn.Module):
         out = self.head(h)
         if not return_masks:
             return out
-        cfg = self.config
-        if not record:
-            ones = torch.ones(x.shape[0], cfg.depth, cfg.num_heads)
-            return out, {"head": ones, "channel": ones.clone(), "token": torch.ones(x.shape[0], cfg.depth,
-                                                                                     cfg.num_tokens)}
-        return out, {key: torch.stack(v, dim=1) for key, v in record.items()}
+        return out, self.recorded_masks(x.shape[0], record)
 
-    @torch.no_grad()
-    def tdw_masks(self, t: torch.Tensor, threshold_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        if not cfg.dynamic:
-            ones = torch.ones(len(t), cfg.depth, cfg.num_heads)
-            return ones, ones.clone()
-        temb = self.time_embedding(t)
-        pairs = [b.tdw_masks(temb, threshold_gate, threshold_offset) for b in self.blocks]
-        return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
-
-    @torch.no_grad()
-    def router_logits(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        temb = self.time_embedding(t)
-        return (torch.stack([b.attn_rate(temb) for b in self.blocks], 1),
-                torch.stack([b.mlp_rate(temb) for b in self.blocks], 1))
+    def time_embed(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_embedding(t)
 
 
 def build(cfg: ModelConfig) -> UViT:

@@ -197,16 +197,16 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     text_arr = load_noise(text_emb, "--text-emb") if text_emb is not None else None
     if cfg.family == "pixart" or not cfg.conditional:  # text embeddings, or nothing, instead of class ids
         if classes is not None:
-            raise DycError(f"--classes: {cfg.name} takes no class ids"
+            raise UsageError(f"--classes: {cfg.name} takes no class ids"
                            + (" (give --text-emb)" if cfg.family == "pixart" else " (it is unconditional)"))
         labels = None
         count = (text_arr.shape[0] if text_arr is not None and text_arr.ndim == 3 else num_samples
                  or (noise_arr.shape[0] if noise_arr is not None and noise_arr.ndim == 4 else 8))
         if num_samples is not None and num_samples != count:
-            raise DycError(f"--num-samples {num_samples} differs from the {count} text embeddings given")
+            raise UsageError(f"--num-samples {num_samples} differs from the {count} text embeddings given")
     else:
         if text_arr is not None:
-            raise DycError(f"--text-emb: {cfg.name} is not a text-to-image model")
+            raise UsageError(f"--text-emb: {cfg.name} is not a text-to-image model")
         labels = resolve_classes(classes, num_samples, noise_arr, cfg.num_classes)
         pipe.check_classes(labels)
         count = len(labels)

@@ -132,6 +132,7 @@ def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", dev
     with numpy < 2 for Triton's Python-backend stub, needed where this Python has numpy 2 (stub_env.py).
     """
     try:
+        from pytriton.client.exceptions import PyTritonClientTimeoutError
         from pytriton.model_config import ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
     except ImportError:
@@ -175,7 +176,10 @@ def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", dev
                     config=ModelConfig(batching=False), strict=False)
         triton.bind(model_name=STATS_MODEL_NAME, infer_func=binding.stats, inputs=[],
                     outputs=[Tensor(name="stats", dtype=np.bytes_, shape=(1,))], config=ModelConfig(batching=False))
-        triton.run()
+        try:
+            triton.run()
+        except PyTritonClientTimeoutError:
+            raise DycError("Triton Inference Server did not start (its log above says why)") from None
         log(f"serving {pipe.source} ({backend} on {dev}, max batch {max_batch} rows, deadline {deadline_ms:g} ms, "
             f"{max_inflight} requests in flight) as model '{MODEL_NAME}': HTTP {host}:{http_port}, "
             f"gRPC {host}:{grpc_port}; Ctrl-C stops")

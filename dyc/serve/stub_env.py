@@ -35,6 +35,26 @@ def use_own_libpython() -> None:
             os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{old}" if old else libdir
 
 
+def find_server_libs() -> None:
+    """The libraries of PyTriton's ``tritonserver`` (libcudart, libtritonserver, ...) on LD_LIBRARY_PATH.
+
+    PyTriton looks for them beside its package only when it sits in a site-packages directory; installed
+    anywhere else (``pip install --target DIR`` + PYTHONPATH) it takes itself for an editable install and
+    points the server at a folder that does not exist, and ``tritonserver`` fails to load libcudart.
+    """
+    from pytriton.utils import distribution
+
+    if distribution.get_libs_path().is_dir():
+        return
+    libs = distribution.get_root_module_path().parent / "nvidia_pytriton.libs"
+    if not libs.is_dir():
+        raise DycError(f"PyTriton's server libraries are missing (neither {distribution.get_libs_path()} nor {libs} "
+                       "exists): reinstall nvidia-pytriton")
+    old = os.environ.get("LD_LIBRARY_PATH", "")
+    if str(libs) not in old.split(":"):
+        os.environ["LD_LIBRARY_PATH"] = f"{libs}:{old}" if old else str(libs)
+
+
 def numpy_major(path: Path | None = None) -> int | None:
     """The major version of numpy installed in ``path`` (a site-packages-like directory), or of this process's."""
     if path is None:
@@ -87,6 +107,7 @@ def point_pytriton_at(env: Path) -> None:
 def prepare(stub_numpy: str | os.PathLike | None) -> Path | None:
     """Everything the stub needs before Triton starts; the stub venv made (to remove at exit), if any."""
     use_own_libpython()
+    find_server_libs()
     if stub_numpy is None:
         if numpy_major() >= 2:
             raise DycError("this Python has numpy 2, whose arrays PyTriton 0.7's Python-backend stub receives "

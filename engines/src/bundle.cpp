@@ -58,7 +58,8 @@ namespace {
 ModelConfig parse_config(const json& c) {
   static const std::set<std::string> known = {"input_size", "patch_size", "in_channels", "hidden_size",
                                               "depth",      "num_heads",  "mlp_ratio",   "num_classes",
-                                              "learn_sigma", "dynamic",   "vae_scale"};
+                                              "learn_sigma", "dynamic",   "vae_scale",   "family",
+                                              "qkv_bias",    "final_conv", "text_channels", "text_len"};
   std::vector<std::string> unknown;
   for (auto it = c.begin(); it != c.end(); ++it) {
     if (!known.count(it.key())) unknown.push_back(it.key());
@@ -82,6 +83,15 @@ ModelConfig parse_config(const json& c) {
   get("num_classes", m.num_classes);
   get("learn_sigma", m.learn_sigma);
   get("dynamic", m.dynamic);
+  // The C++ runtime runs the DiT family only (U-ViT and PixArt-alpha bundles: dyc run / dyc serve).
+  const std::string family = c.value("family", std::string("dit"));
+  if (family != "dit") {
+    throw Error("a '" + family + "' bundle: the C++ runtime runs DiT-family bundles only (use `dyc run` for it)");
+  }
+  if (!c.value("qkv_bias", true) || c.value("final_conv", false) || c.value("text_channels", 0) != 0 ||
+      c.value("text_len", 0) != 0) {
+    throw Error("model config has U-ViT/PixArt fields on a DiT (qkv_bias=false, final_conv or text_*)");
+  }
   if (m.num_heads <= 0 || m.num_heads > 63 || m.depth <= 0 || m.in_channels <= 0 || m.input_size <= 0 ||
       m.patch_size <= 0 || m.num_classes <= 0) {
     throw Error("model config has a non-positive size or more than 63 heads");

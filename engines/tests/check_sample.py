@@ -203,6 +203,17 @@ def bad_case(args: argparse.Namespace, case: str) -> None:
         expect_failure(args, b, ["manifest.json", "modified after compile"])
         (b / "manifest.json").unlink()
         expect_failure(args, b, ["not a dyc bundle"])
+    elif case == "other_family":
+        # a U-ViT bundle (here: the family field set, checksum recomputed as compile writes it) is refused
+        # with a message naming what runs it, not a parse error
+        from dyc.bundle import manifest_checksum
+
+        b = broken_copy(args, case)
+        m = json.loads((b / "manifest.json").read_text())
+        m["model"]["config"]["family"] = "uvit"
+        m["manifest_sha256"] = manifest_checksum(m)
+        (b / "manifest.json").write_text(json.dumps(m, indent=1))
+        expect_failure(args, b, ["'uvit' bundle", "DiT-family bundles only", "dyc run"])
     elif case == "bad_args":
         tiny = args.work / "tiny.dyc"
         expect_failure(args, tiny, ["unknown sampler 'euler'"], ["--sampler", "euler"], code=2)
