@@ -12,24 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .torch_sliced import GroupLayout
+from .torch_sliced import GroupLayout, SharedWeights, unit_order
 
 
-def unit_order(sets: Sequence[Sequence[int]], n: int) -> list[int]:
-    """Units used by any group, most-used first (nested sets become prefixes)."""
-    count = [0] * n
-    for s in sets:
-        for u in s:
-            count[u] += 1
-    return sorted((u for u in range(n) if count[u]), key=lambda u: (-count[u], u))
-
-
-class FamilyWeights:
+class FamilyWeights(SharedWeights):
     """Device copies of a family model's weights, shared by every group's engine.
 
     ``prefix(l)``: state-dict prefix of block l. ``extra(l, get)``: the layer's other tensors by
     name (norms, skip, cross-attention, ...), ``get(key)`` reading the state dict. ``common``:
-    the unsliced tensors outside the blocks, by state-dict name.
+    the unsliced tensors outside the blocks, by state-dict name. Layer views and the tensor list
+    are SharedWeights' (qkv bias optional; a layer's other tensors pass through unsliced).
     """
 
     def __init__(self, cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layouts: Sequence[GroupLayout],
@@ -72,44 +64,6 @@ class FamilyWeights:
             if extra is not None:
                 layer.update(extra(l, lambda k, _p=p: sd[_p + k]))
             self.layers.append({k: dev(v) for k, v in layer.items()})
-
-    def layer_views(self, l: int, heads: Sequence[int], groups: Sequence[int]):
-        """Weights of layer l for these units (views where they lead the shared order), and the unit
-        order they come in."""
-        cfg, base = self.cfg, self.layers[l]
-        dh, gs = cfg.head_dim, cfg.group_size
-        ho, go = self.head_order[l], self.group_order[l]
-        sliced = ("qkv_w", "qkv_b", "proj_w", "fc1_w", "fc1_b", "fc2_w")
-        out = {k: v for k, v in base.items() if k not in sliced}
-        qkv_b = base.get("qkv_b")
-        if set(heads) == set(ho[: len(heads)]):
-            k = len(heads)
-            out.update(qkv_w=base["qkv_w"][: 3 * dh * k], proj_w=base["proj_w"][:, : dh * k])
-            out["qkv_b"] = None if qkv_b is None else qkv_b[: 3 * dh * k]
-            head_units = ho[:k]
-        else:
-            idx = torch.tensor([ho.index(u) for u in heads], device=self.device)
-            rows = (idx[:, None] * 3 * dh + torch.arange(3 * dh, device=self.device)).reshape(-1)
-            cols = (idx[:, None] * dh + torch.arange(dh, device=self.device)).reshape(-1)
-            out.update(qkv_w=base["qkv_w"][rows].contiguous(), proj_w=base["proj_w"][:, cols].contiguous())
-            out["qkv_b"] = None if qkv_b is None else qkv_b[rows].contiguous()
-            self.copies += [v for v in (out["qkv_w"], out["qkv_b"], out["proj_w"]) if v is not None]
-            head_units = list(heads)
-        if set(groups) == set(go[: len(groups)]):
-            k = len(groups)
-            out.update(fc1_w=base["fc1_w"][: gs * k], fc1_b=base["fc1_b"][: gs * k], fc2_w=base["fc2_w"][:, : gs * k])
-            group_units = go[:k]
-        else:
-            idx = torch.tensor([go.index(u) for u in groups], device=self.device)
-            units = (idx[:, None] * gs + torch.arange(gs, device=self.device)).reshape(-1)
-            out.update(fc1_w=base["fc1_w"][units].contiguous(), fc1_b=base["fc1_b"][units].contiguous(),
-                       fc2_w=base["fc2_w"][:, units].contiguous())
-            self.copies += [out["fc1_w"], out["fc1_b"], out["fc2_w"]]
-            group_units = list(groups)
-        return out, head_units, group_units
-
-    def tensors(self) -> list[torch.Tensor]:
-        return list(self.common.values()) + [v for layer in self.layers for v in layer.values()] + self.copies
 
 
 class SlicedLayers(torch.nn.Module):

@@ -123,6 +123,15 @@ def sdt_mlp_torch(x, shift, scale, gate, keep, w1, b1, w2, b2, channel_mask, gro
     return x + keep.unsqueeze(-1) * gate.unsqueeze(1) * y
 
 
+def unit_order(sets: Sequence[Sequence[int]], n: int) -> list[int]:
+    """Units used by any group, most-used first (nested sets become prefixes)."""
+    count = [0] * n
+    for s in sets:
+        for u in s:
+            count[u] += 1
+    return sorted((u for u in range(n) if count[u]), key=lambda u: (-count[u], u))
+
+
 class SharedWeights:
     """One copy of the model's weights on the device, shared by every group's engine.
 
@@ -155,8 +164,8 @@ class SharedWeights:
         self.copies: list[torch.Tensor] = []  # sliced copies made for layers that are not prefixes
         for l in range(cfg.depth):
             p = f"blocks.{l}."
-            ho = self._order([lay.heads[l] for lay in layouts], h)
-            go = self._order([lay.channels[l] for lay in layouts], h)
+            ho = unit_order([lay.heads[l] for lay in layouts], h)
+            go = unit_order([lay.channels[l] for lay in layouts], h)
             self.head_order.append(ho)
             self.group_order.append(go)
             hi, gi = torch.tensor(ho), torch.tensor(go)
@@ -177,34 +186,27 @@ class SharedWeights:
                     layer[f"tok{i}_b"] = sd[f"{p}token_selection.mlp_head.{i}.bias"]
             self.layers.append({k: v.to(device=self.device, dtype=dtype).contiguous() for k, v in layer.items()})
 
-    @staticmethod
-    def _order(sets: Sequence[Sequence[int]], n: int) -> list[int]:
-        """Units used by any group, most-used first (nested sets become prefixes)."""
-        count = [0] * n
-        for s in sets:
-            for u in s:
-                count[u] += 1
-        return sorted((u for u in range(n) if count[u]), key=lambda u: (-count[u], u))
-
     def layer_views(self, l: int, heads: Sequence[int], groups: Sequence[int]):
-        """Weights of layer l for these units, and the unit order they come in."""
+        """Weights of layer l for these units (views where they lead the shared order), and the unit
+        order they come in."""
         cfg, base = self.cfg, self.layers[l]
         dh, gs = cfg.head_dim, cfg.group_size
         ho, go = self.head_order[l], self.group_order[l]
-        out = {k: base[k] for k in ("proj_b", "fc2_b") + (("tok0_w", "tok0_b", "tok2_w", "tok2_b")
-                                                        if cfg.dynamic else ())}
+        sliced = ("qkv_w", "qkv_b", "proj_w", "fc1_w", "fc1_b", "fc2_w")
+        out = {k: v for k, v in base.items() if k not in sliced}
+        qkv_b = base.get("qkv_b")
         if set(heads) == set(ho[: len(heads)]):
             k = len(heads)
-            out.update(qkv_w=base["qkv_w"][: 3 * dh * k], qkv_b=base["qkv_b"][: 3 * dh * k],
-                       proj_w=base["proj_w"][:, : dh * k])
+            out.update(qkv_w=base["qkv_w"][: 3 * dh * k], proj_w=base["proj_w"][:, : dh * k])
+            out["qkv_b"] = None if qkv_b is None else qkv_b[: 3 * dh * k]
             head_units = ho[:k]
         else:
             idx = torch.tensor([ho.index(u) for u in heads], device=self.device)
             rows = (idx[:, None] * 3 * dh + torch.arange(3 * dh, device=self.device)).reshape(-1)
             cols = (idx[:, None] * dh + torch.arange(dh, device=self.device)).reshape(-1)
-            out.update(qkv_w=base["qkv_w"][rows].contiguous(), qkv_b=base["qkv_b"][rows].contiguous(),
-                       proj_w=base["proj_w"][:, cols].contiguous())
-            self.copies += [out["qkv_w"], out["qkv_b"], out["proj_w"]]
+            out.update(qkv_w=base["qkv_w"][rows].contiguous(), proj_w=base["proj_w"][:, cols].contiguous())
+            out["qkv_b"] = None if qkv_b is None else qkv_b[rows].contiguous()
+            self.copies += [v for v in (out["qkv_w"], out["qkv_b"], out["proj_w"]) if v is not None]
             head_units = list(heads)
         if set(groups) == set(go[: len(groups)]):
             k = len(groups)

@@ -33,6 +33,7 @@ how ``onnx_flops`` attributes MACs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -218,6 +219,27 @@ def _mask_slice(g: _Graph, mask_input: str, layer: int, width: int) -> str:
     return g.op("Slice", [m, g.i64([0]), g.i64([width]), g.i64([1])])
 
 
+def sliced_tensor(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig,
+                  sd: Mapping[str, torch.Tensor], layer: int, name: str, what: str, units: list[int],
+                  order: list[int], rows_per_unit: int | None) -> TensorProto:
+    """Initializer ``name``: layer ``layer``'s tensor ``what`` sliced to ``units`` in the engine layout.
+
+    Stored once per distinct slice (the key): where ``units`` are a prefix of the layer's ``order`` and
+    the slice is by rows (``rows_per_unit``), it is a prefix of the layer's one ordered copy, so engines
+    of different widths share bytes. Every graph variant calls this, so they share the same bytes too.
+    """
+    if name in inits:
+        return inits[name]
+    prefix = bool(rows_per_unit) and is_prefix(units, order)
+    key = f"blocks.{layer}.{what}[{','.join(map(str, order if prefix else units))}]"
+    if prefix:
+        tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, what, order), len(units) * rows_per_unit)
+    else:
+        tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, what, units))
+    inits[name] = tp
+    return tp
+
+
 def build_graph(
     cfg: ModelConfig, sd: Mapping[str, torch.Tensor], group: GroupPlan, store: WeightStore, variant: str,
     orders: tuple[list[list[int]], list[list[int]]] | None = None,
@@ -285,19 +307,7 @@ def build_graph(
         h_order = orders[0][l] if orders else heads
         c_order = orders[1][l] if orders else chans
 
-        def sw(name: str, what: str, units: list[int], order: list[int], rows_per_unit: int | None,
-               _l=l) -> TensorProto:
-            """A sliced tensor in the engine layout: a prefix of the layer's shared copy where possible."""
-            if name in inits:
-                return inits[name]
-            ids = ",".join(map(str, order if rows_per_unit and is_prefix(units, order) else units))
-            key = f"blocks.{_l}.{what}[{ids}]"
-            if rows_per_unit and is_prefix(units, order):
-                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, order), len(units) * rows_per_unit)
-            else:
-                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, units))
-            inits[name] = tp
-            return tp
+        sw = functools.partial(sliced_tensor, store, inits, cfg, sd, l)
 
         g.scope = pre + "adaLN"
         mod = _linear(g, cond, w(pre + "adaLN_modulation.1.weight"), w(pre + "adaLN_modulation.1.bias"))

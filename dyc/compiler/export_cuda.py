@@ -19,6 +19,7 @@ node needs the host, which CUDA graphs require.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -28,9 +29,19 @@ from onnx import TensorProto, helper
 
 from ..config import ModelConfig
 from ..model import FREQ_DIM
-from .export import CUSTOM_DOMAIN, OPSET, WeightStore, _Graph, _layernorm, _linear, _mask_slice, _modulate, _silu
+from .export import (
+    CUSTOM_DOMAIN,
+    OPSET,
+    WeightStore,
+    _Graph,
+    _layernorm,
+    _linear,
+    _mask_slice,
+    _modulate,
+    _silu,
+    sliced_tensor,
+)
 from .plan import GroupPlan
-from .slice import engine_tensor, is_prefix
 
 MS_DOMAIN = "com.microsoft"
 
@@ -93,19 +104,7 @@ def build_cuda_graph(
         h_order = orders[0][l] if orders else heads
         c_order = orders[1][l] if orders else chans
 
-        def sw(name: str, what: str, units: list[int], order: list[int], rows_per_unit: int | None,
-               _l=l) -> TensorProto:
-            """The tensor ``export.build_graph`` stores for this slice (same key: no new bytes)."""
-            if name in inits:
-                return inits[name]
-            prefix = bool(rows_per_unit) and is_prefix(units, order)
-            key = f"blocks.{_l}.{what}[{','.join(map(str, order if prefix else units))}]"
-            if prefix:
-                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, order), len(units) * rows_per_unit)
-            else:
-                tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, _l, what, units))
-            inits[name] = tp
-            return tp
+        sw = functools.partial(sliced_tensor, store, inits, cfg, sd, l)
 
         g.scope = pre + "adaLN"
         mod = _linear(g, cond, w(pre + "adaLN_modulation.1.weight"), w(pre + "adaLN_modulation.1.bias"))
