@@ -202,7 +202,47 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DyDiT(nn.Module):
+class TimestepRouted:
+    """What every model family shares around its routers: TDW masks and router logits from the time
+    embedding alone, and the per-block masks a forward pass returns. A model mixes this in and gives
+    ``time_embed(t)``, the embedding its routers read."""
+
+    config: ModelConfig
+    blocks: nn.ModuleList
+    time_embed: Callable[[torch.Tensor], torch.Tensor]
+
+    @torch.no_grad()
+    def tdw_masks(self, t: torch.Tensor, threshold_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head and channel-group masks for timesteps t, each [len(t), L, H] of 0/1.
+
+        Masks depend on t alone (routers read temb), so this needs no image input.
+        """
+        cfg = self.config
+        if not cfg.dynamic:
+            ones = torch.ones(len(t), cfg.depth, cfg.num_heads)
+            return ones, ones.clone()
+        temb = self.time_embed(t)
+        pairs = [b.tdw_masks(temb, threshold_gate, threshold_offset) for b in self.blocks]
+        return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+    @torch.no_grad()
+    def router_logits(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw TDW router logits [len(t), L, H-1] for heads and channel groups."""
+        temb = self.time_embed(t)
+        return (torch.stack([b.attn_rate(temb) for b in self.blocks], 1),
+                torch.stack([b.mlp_rate(temb) for b in self.blocks], 1))
+
+    def recorded_masks(self, batch: int, record: dict) -> dict[str, torch.Tensor]:
+        """The masks a forward pass recorded, [B, depth, ·] each; all ones when none were (a static model
+        or complete_model)."""
+        cfg = self.config
+        if not record:
+            ones = torch.ones(batch, cfg.depth, cfg.num_heads)
+            return {"head": ones, "channel": ones.clone(), "token": torch.ones(batch, cfg.depth, cfg.num_tokens)}
+        return {key: torch.stack(v, dim=1) for key, v in record.items()}
+
+
+class DyDiT(TimestepRouted, nn.Module):
     """DiT (``cfg.dynamic=False``) or DyDiT with the official masked forward.
 
     ``model(x, t, y)`` -> output [B, out_ch, H, W]. Keyword options:
@@ -253,34 +293,7 @@ class DyDiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))
         if not return_masks:
             return out
-        return out, self._stack_masks(record, x.shape[0], complete_model)
+        return out, self.recorded_masks(x.shape[0], record)
 
-    def _stack_masks(self, record: dict, batch: int, complete: bool) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        if not record:  # static model or complete_model: everything on
-            ones = torch.ones(batch, cfg.depth, cfg.num_heads)
-            return {"head": ones, "channel": ones.clone(), "token": torch.ones(batch, cfg.depth, cfg.num_tokens)}
-        return {k: torch.stack(v, dim=1) for k, v in record.items()}
-
-    @torch.no_grad()
-    def tdw_masks(self, t: torch.Tensor, threshold_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head and channel-group masks for timesteps t, each [len(t), L, H] of 0/1.
-
-        Masks depend on t alone (routers read temb), so this needs no image input.
-        """
-        cfg = self.config
-        if not cfg.dynamic:
-            ones = torch.ones(len(t), cfg.depth, cfg.num_heads)
-            return ones, ones.clone()
-        temb = self.t_embedder(t)
-        pairs = [b.tdw_masks(temb, threshold_gate, threshold_offset) for b in self.blocks]
-        return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
-
-    @torch.no_grad()
-    def router_logits(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw TDW router logits [len(t), L, H-1] for heads and channel groups."""
-        temb = self.t_embedder(t)
-        return (
-            torch.stack([b.attn_rate(temb) for b in self.blocks], 1),
-            torch.stack([b.mlp_rate(temb) for b in self.blocks], 1),
-        )
+    def time_embed(self, t: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t)

@@ -23,7 +23,7 @@ _REFERENCES: dict = {}
 # fp32 on both sides; a batched engine call runs its GEMMs over more rows than a one-request call,
 # which may block (and so round) them differently: ONNX Runtime's CPU rows come out bit-identical
 # here, but other CPUs/libraries need not, so results are compared at fp32's tolerance
-RTOL = ATOL = 1e-5
+TOL = 1e-5  # relative, and of the latents' largest magnitude
 
 
 def digits_bundle() -> Path:
@@ -52,7 +52,7 @@ def reference(classes, *, seed: int, steps: int, sampler: str = "ddim", cfg: flo
     return _REFERENCES[key]
 
 
-def assert_matches(got: np.ndarray | torch.Tensor, want: torch.Tensor, tol: float = RTOL) -> None:
+def assert_matches(got: np.ndarray | torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
     got = torch.as_tensor(np.array(got))  # a copy: tritonclient's arrays are read-only
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))

@@ -256,3 +256,47 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, capsys):
         assert main(["serve", "--host", "127.0.0.1", *ports, *args]) == code, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+# ---- starting Triton: PyTriton's stub handshake race is retried, other load failures are clear --------
+RACE = ("load failed for model 'dyc': Model initialize error: File \"model.py\", line 425, in initialize "
+        "get_config_from_handshake_server(handshake_socket) ConnectionRefusedError: [Errno 111] Connection refused")
+
+
+class FakeTriton:
+    """Stands in for pytriton.triton.Triton: run() raises the next scripted failure, if any."""
+
+    def __init__(self, script: list, made: list):
+        self.script, self.stopped = script, False
+        made.append(self)
+
+    def run(self):
+        if self.script:
+            raise self.script.pop(0)
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_start_retries_the_stub_handshake_race_only():
+    from tritonclient.utils import InferenceServerException
+
+    from dyc.serve.server import start_triton
+
+    made, logs = [], []
+    script = [InferenceServerException(RACE), InferenceServerException(RACE)]
+    t = start_triton(lambda: FakeTriton(script, made), logs.append, attempts=3)
+    assert t is made[-1] and len(made) == 3 and not t.stopped
+    assert all(m.stopped for m in made[:-1]) and len(logs) == 2 and "handshake race" in logs[0]
+
+    made.clear()
+    script = [InferenceServerException(RACE)] * 3
+    with pytest.raises(DycError, match="could not load the model: .*Connection refused"):
+        start_triton(lambda: FakeTriton(script, made), logs.append, attempts=3)
+    assert len(made) == 3 and all(m.stopped for m in made)
+
+    made.clear()  # any other load failure: no retry, one clear line
+    script = [InferenceServerException("load failed for model 'dyc': version 1 is at UNAVAILABLE state\n  detail")]
+    with pytest.raises(DycError, match=r"^Triton Inference Server could not load the model: load failed .* detail$"):
+        start_triton(lambda: FakeTriton(script, made), logs.append)
+    assert len(made) == 1 and made[0].stopped

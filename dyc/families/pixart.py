@@ -43,13 +43,13 @@ from ..model import (
     PatchEmbed,
     Router,
     TimestepEmbedder,
+    TimestepRouted,
     TokenSelection,
     _with_head_zero,
     sincos_pos_embed,
     threshold_gate,
 )
 from . import router_flops
-from .routed import TimestepRouted
 
 TEXT_CHANNELS = 4096  # T5-XXL
 TEXT_LEN = 120  # PixArt-α's model_max_length

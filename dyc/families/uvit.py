@@ -28,9 +28,17 @@ from torch import nn
 
 from ..config import UVIT_SIZES, ModelConfig
 from ..errors import DycError
-from ..model import Gate, PatchEmbed, Router, TokenSelection, _with_head_zero, threshold_gate, timestep_embedding
+from ..model import (
+    Gate,
+    PatchEmbed,
+    Router,
+    TimestepRouted,
+    TokenSelection,
+    _with_head_zero,
+    threshold_gate,
+    timestep_embedding,
+)
 from . import router_flops
-from .routed import TimestepRouted
 
 LN_EPS = 1e-5  # torch's LayerNorm default, which U-ViT uses
 _HEADS_BY_WIDTH = {c: h for c, _, h in UVIT_SIZES.values()}

@@ -198,7 +198,7 @@ def run_cmd(bundle, sampler, steps, cfg_scale, cfg_official, classes, num_sample
     if cfg.family == "pixart" or not cfg.conditional:  # text embeddings, or nothing, instead of class ids
         if classes is not None:
             raise UsageError(f"--classes: {cfg.name} takes no class ids"
-                           + (" (give --text-emb)" if cfg.family == "pixart" else " (it is unconditional)"))
+                             + (" (give --text-emb)" if cfg.family == "pixart" else " (it is unconditional)"))
         labels = None
         count = (text_arr.shape[0] if text_arr is not None and text_arr.ndim == 3 else num_samples
                  or (noise_arr.shape[0] if noise_arr is not None and noise_arr.ndim == 4 else 8))

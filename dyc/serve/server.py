@@ -119,6 +119,38 @@ def _tensor(spec):
     return Tensor(name=spec.name, dtype=NUMPY_DTYPES[spec.dtype], shape=spec.shape, optional=spec.optional)
 
 
+def _handshake_race(e: Exception) -> bool:
+    """PyTriton 0.7's stubs of one model start at once; all but the first connect to the first one's
+    handshake socket as soon as its file exists, which can be before it listens ("Connection refused"
+    in get_config_from_handshake_server; seen on a loaded 2-core machine, about 1 start in 10)."""
+    text = str(e)
+    return "get_config_from_handshake_server" in text and "Connection refused" in text
+
+
+def start_triton(make: Callable[[], object], log: Callable[[str], None], attempts: int = 3):
+    """``make()``'s Triton (bound, not yet running), running. A start lost to the stubs' handshake race
+    is stopped and made again, up to ``attempts`` starts; any other failure to load is a clear error."""
+    from pytriton.client.exceptions import PyTritonClientTimeoutError
+    from tritonclient.utils import InferenceServerException
+
+    attempt = 1
+    while True:
+        triton = make()
+        try:
+            triton.run()
+            return triton
+        except PyTritonClientTimeoutError:
+            triton.stop()
+            raise DycError("Triton Inference Server did not start (its log above says why)") from None
+        except InferenceServerException as e:
+            triton.stop()
+            if not (_handshake_race(e) and attempt < attempts):
+                raise DycError("Triton Inference Server could not load the model: "
+                               f"{' '.join(str(e).split())[:400]}") from None
+            attempt += 1
+            log(f"Triton's model stubs lost PyTriton's handshake race; starting again ({attempt}/{attempts})")
+
+
 def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", device: str | None = None,
           http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, host: str = "0.0.0.0",
           max_batch: int = 64, deadline_ms: float = 50.0, max_inflight: int = 16, pad_batches: bool | None = None,
@@ -132,7 +164,6 @@ def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", dev
     with numpy < 2 for Triton's Python-backend stub, needed where this Python has numpy 2 (stub_env.py).
     """
     try:
-        from pytriton.client.exceptions import PyTritonClientTimeoutError
         from pytriton.model_config import ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
     except ImportError:
@@ -168,18 +199,18 @@ def serve(bundle: str | os.PathLike | None, *, backend: str = "onnxruntime", dev
         binding = TritonBinding(batcher)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         batcher.start()
-        triton = Triton(config=TritonConfig(http_address=host, http_port=http_port, grpc_address=host,
-                                            grpc_port=grpc_port, metrics_port=metrics_port,
-                                            exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0))
-        triton.bind(model_name=MODEL_NAME, infer_func=[binding.infer] * max_inflight,
-                    inputs=[_tensor(s) for s in INPUTS], outputs=[_tensor(s) for s in OUTPUTS],
-                    config=ModelConfig(batching=False), strict=False)
-        triton.bind(model_name=STATS_MODEL_NAME, infer_func=binding.stats, inputs=[],
-                    outputs=[Tensor(name="stats", dtype=np.bytes_, shape=(1,))], config=ModelConfig(batching=False))
-        try:
-            triton.run()
-        except PyTritonClientTimeoutError:
-            raise DycError("Triton Inference Server did not start (its log above says why)") from None
+        def make_triton():
+            t = Triton(config=TritonConfig(http_address=host, http_port=http_port, grpc_address=host,
+                                           grpc_port=grpc_port, metrics_port=metrics_port,
+                                           exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0))
+            t.bind(model_name=MODEL_NAME, infer_func=[binding.infer] * max_inflight,
+                   inputs=[_tensor(s) for s in INPUTS], outputs=[_tensor(s) for s in OUTPUTS],
+                   config=ModelConfig(batching=False), strict=False)
+            t.bind(model_name=STATS_MODEL_NAME, infer_func=binding.stats, inputs=[],
+                   outputs=[Tensor(name="stats", dtype=np.bytes_, shape=(1,))], config=ModelConfig(batching=False))
+            return t
+
+        triton = start_triton(make_triton, log)
         log(f"serving {pipe.source} ({backend} on {dev}, max batch {max_batch} rows, deadline {deadline_ms:g} ms, "
             f"{max_inflight} requests in flight) as model '{MODEL_NAME}': HTTP {host}:{http_port}, "
             f"gRPC {host}:{grpc_port}; Ctrl-C stops")

@@ -26,13 +26,18 @@ from pathlib import Path
 from ..errors import DycError
 
 
+def _loader_path_first(libdir: str) -> None:
+    """``libdir`` first on LD_LIBRARY_PATH (read by the processes PyTriton starts), once."""
+    old = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir not in old.split(":"):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{old}" if old else libdir
+
+
 def use_own_libpython() -> None:
     """This interpreter's libpython first on LD_LIBRARY_PATH (read by the processes PyTriton starts)."""
     libdir, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if libdir and name and (Path(libdir) / name).is_file():
-        old = os.environ.get("LD_LIBRARY_PATH", "")
-        if libdir not in old.split(":"):
-            os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{old}" if old else libdir
+        _loader_path_first(libdir)
 
 
 def find_server_libs() -> None:
@@ -50,9 +55,7 @@ def find_server_libs() -> None:
     if not libs.is_dir():
         raise DycError(f"PyTriton's server libraries are missing (neither {distribution.get_libs_path()} nor {libs} "
                        "exists): reinstall nvidia-pytriton")
-    old = os.environ.get("LD_LIBRARY_PATH", "")
-    if str(libs) not in old.split(":"):
-        os.environ["LD_LIBRARY_PATH"] = f"{libs}:{old}" if old else str(libs)
+    _loader_path_first(str(libs))
 
 
 def numpy_major(path: Path | None = None) -> int | None:
