@@ -9,7 +9,8 @@
 #   build/engines-cuda/dyc_sample                           (cmake -S engines -B build/engines-cuda, CUDA on)
 #   .wheels-dyc/ where the machine lacks dyc's Python dependencies (as for bench/gpu_dydit.sh)
 # Knobs: DTYPES="fp16" (add bf16 for a second bundle), LAMBDA=0.5, BATCH=16, SKIP_BENCH=1, SKIP_CPP=1.
-# Time: ~1 min smoke tests, ~2 min synth + compile (DiT-XL/2), ~2-3 min bench, ~1 min C++ (about 6 min).
+# Time: ~1 min smoke tests, ~2 min synth + compile (DiT-XL/2), ~1.5 min profile, ~2-3 min bench, ~1 min C++
+# (about 7 min).
 set -u -o pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1  # one log; at most 8 files come back: log, summary and a few JSON
@@ -64,7 +65,7 @@ CK=/tmp/xl_$LAMBDA.safetensors
 [ -f "$CK" ] || dyc synth --model DiT-XL/2 --lambda "$LAMBDA" --seed 0 -o "$CK" 2>&1 | tail -2
 for dt in $DTYPES; do
   B=/tmp/xl_${LAMBDA}_$dt.dyc
-  [ -d "$B" ] || { /usr/bin/time -f "compile $dt: %e s, peak RSS %M KB" dyc compile "$CK" --lambda "$LAMBDA" \
+  [ -d "$B" ] || { /usr/bin/time -f "compile $dt: %e s, peak RSS %M KB" python3 -m dyc.cli compile "$CK" --lambda "$LAMBDA" \
     --dtype "$dt" -o "$B" 2>&1 | tail -4; } 2>&1
 done
 B=/tmp/xl_${LAMBDA}_${DTYPES%% *}.dyc
@@ -104,6 +105,21 @@ import json; m = json.load(open('$OUT/memory.json'))
 print(f\"memory: {m['groups']} sessions, weights.bin {m['weights_bytes']/2**30:.2f} GiB: device {m['device_load_x']:.2f}x at load, \"
       f\"{m['device_after_one_call_per_group_x']:.2f}x after a batch-32 call per group; host RSS {m['host_rss_load_x']:.2f}x\")" \
   2>&1 | tee -a "$SUMMARY"
+
+# ---- 3b. where the time and the memory go: kernels by category, CUDA-graph replay per call, device
+#          memory of the group sessions with per-session arenas and with the shared one (default)
+step "3b. profile: kernels and memory (bench/profile_ort.py)"
+python3 bench/profile_ort.py "$B" --batch "$BATCH" --memory --json "$OUT/profile_ort.json" 2>&1 \
+  | grep -v "plugin EP" | grep -A8 "mean over the schedule\|^CUDA-graph\|^memory"
+python3 - "$OUT/profile_ort.json" <<'PY' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+p = json.load(open(sys.argv[1]))
+cats = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(p["mean"]["categories"].items(), key=lambda kv: -kv[1]))
+print(f"profile: {p['mean']['total_us'] / 1e3:.2f} ms of kernels per call ({cats} ms); graph replay {p['graph_ms_mean']:.2f} ms")
+for m in p.get("memory", []):
+    print(f"memory ({m['config']}): " + (f"{m['groups']} sessions, device {m['load_x']:.2f}x weights.bin at load, "
+          f"{m['after_calls_x']:.2f}x after a call per group" if "load_x" in m else m.get("error", "?")))
+PY
 
 # ---- 4. verify the cuda graphs against eager on the GPU (every group, every schedule t) ---------
 step "4. dyc verify --variant cuda --device cuda"

@@ -55,6 +55,12 @@ def _feeds(b, t: int, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_cuda_graphs_of_every_group_match_eager(tame, dtype):
+    """Against the fp32 eager model, pooled over every group's first and last timestep (as ``dyc
+    verify``): fp32 within TF32's error; fp16/bf16 within twice the error of the eager model itself
+    run in that dtype on the GPU (this small model's own fp16/bf16 error is 1e-2 to 1e-1: a token
+    whose router score is near 0.5 flips its SDT decision, which moves its whole MLP output)."""
+    import copy
+
     from dyc.backends.onnxruntime import OnnxRuntimeBackend
     from dyc.bundle import Bundle
 
@@ -62,18 +68,29 @@ def test_cuda_graphs_of_every_group_match_eager(tame, dtype):
     b = Bundle.load(bundles[dtype])
     be = OnnxRuntimeBackend(b, device="cuda")
     assert be.variant == "cuda" and be.cuda_graphs, (be.variant, be.cuda_graphs)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    eager_dt = copy.deepcopy(model).to("cuda", tdt)
     gen = torch.Generator().manual_seed(0)
     cfg = b.config
     x = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
     y = torch.tensor([1, 5, cfg.num_classes, cfg.num_classes])
+    num = {"ort": 0.0, "eager": 0.0}
+    den = 0.0
     for g in b.groups:
         for t in (g.t_lo, g.t_hi):
+            tt = torch.full((4,), t)
             with torch.no_grad():
-                ref = model(x, torch.full((4,), t), y, threshold_offset=b.threshold_offset)
-            for _ in range(3):  # capture, then replays
-                out = be.run_group(g.index, _feeds(b, t, x, y)).float().cpu()
-                err = float((out - ref).norm() / ref.norm())
-                assert err < TOL[dtype], (g.index, t, err)
+                ref = model(x, tt, y, threshold_offset=b.threshold_offset)
+                e = eager_dt(x.to("cuda", tdt), tt.cuda(), y.cuda(), threshold_offset=b.threshold_offset)
+            outs = [be.run_group(g.index, _feeds(b, t, x, y)).float().cpu() for _ in range(3)]  # capture, replays
+            for o in outs[1:]:
+                torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-3 * float(outs[0].abs().max()))
+            num["ort"] += float((outs[-1] - ref).norm() ** 2)
+            num["eager"] += float((e.float().cpu() - ref).norm() ** 2)
+            den += float(ref.norm() ** 2)
+    err, own = (num["ort"] / den) ** 0.5, (num["eager"] / den) ** 0.5
+    bound = 5e-3 if dtype == "fp32" else 2 * own + 5e-3
+    assert err <= bound, (dtype, err, own)
 
 
 def test_replays_follow_new_inputs_and_batch_sizes(tame):
@@ -97,6 +114,9 @@ def test_replays_follow_new_inputs_and_batch_sizes(tame):
 
 
 def test_group_sessions_share_one_device_copy_of_the_weights(tmp_path):
+    """8 group sessions over one device copy: their load costs the groups' own slices of the weights
+    less one copy, against 8 sessions that each own theirs (what is left is ONNX Runtime's fixed
+    per-session CUDA state, measured on the H200 by bench/profile_ort.py)."""
     from dyc.backends.onnxruntime import OnnxRuntimeBackend
     from dyc.bundle import Bundle
     from dyc.compiler.compile import compile_checkpoint
@@ -105,10 +125,63 @@ def test_group_sessions_share_one_device_copy_of_the_weights(tmp_path):
     ck = save_checkpoint(random_model(cfg, seed=0, router_scale=3.0), tmp_path / "m.safetensors")
     b = Bundle.load(compile_checkpoint(ck, tmp_path / "m.dyc", groups=8, calib=1, calib_steps=2, dtype="fp16").path)
     weights = b.manifest["files"]["weights.bin"]["bytes"]
-    torch.cuda.synchronize()
-    free0, _ = torch.cuda.mem_get_info()
-    be = OnnxRuntimeBackend(b, device="cuda")
-    torch.cuda.synchronize()
-    free1, _ = torch.cuda.mem_get_info()
+
+    def load_bytes(**kw) -> tuple[int, OnnxRuntimeBackend]:
+        torch.cuda.synchronize()
+        free0, _ = torch.cuda.mem_get_info()
+        be = OnnxRuntimeBackend(b, device="cuda", **kw)
+        torch.cuda.synchronize()
+        return free0 - torch.cuda.mem_get_info()[0], be
+
+    shared, be = load_bytes()
     assert be.weight_bytes() == weights
-    assert free0 - free1 <= 1.2 * weights + (64 << 20), (free0 - free1, weights)  # 8 sessions, one device copy
+    # what sessions that own their weights hold: each group's own slices (narrower groups, fewer bytes)
+    per_group = sum(r.length for g in be.groups for r in g.weights)
+    assert per_group > 3 * weights
+    own, _ = load_bytes(share_weights=False)
+    assert own - shared >= 0.9 * (per_group - weights), (shared, own, per_group, weights)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_glue_ops_cuda_kernels_match_torch(dtype):
+    """dyc::LnModulate and dyc::GatedResidual on the CUDA EP against torch's maths in float32, at
+    DiT-XL/2's width (1152: several elements per thread) and an odd one."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from dyc.backends.onnxruntime import ops_library
+
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    et = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(ops_library()))
+    g = torch.Generator().manual_seed(0)
+    for b, n, c in ((4, 256, 1152), (3, 7, 45)):
+        x, y = (torch.randn(b, n, c, generator=g) * 2 + 0.5).to(tdt), torch.randn(b, n, c, generator=g).to(tdt)
+        shift, scale, gate = (torch.randn(b, c, generator=g).to(tdt) for _ in range(3))
+        bias = torch.randn(c, generator=g).to(tdt)
+        f = {k: v.float() for k, v in dict(x=x, y=y, shift=shift, scale=scale, gate=gate, bias=bias).items()}
+        cases = [
+            ("LnModulate", dict(x=x, shift=shift, scale=scale), {"eps": 1e-6},
+             torch.nn.functional.layer_norm(f["x"], (c,), eps=1e-6) * (1 + f["scale"][:, None]) + f["shift"][:, None]),
+            ("GatedResidual", dict(x=x, gate=gate, y=y, bias=bias), {},
+             f["x"] + f["gate"][:, None] * (f["y"] + f["bias"])),
+        ]
+        for op, feeds, attrs, want in cases:
+            node = helper.make_node(op, list(feeds), ["out"], domain="dyc", **attrs)
+            graph = helper.make_graph(
+                [node], op, [helper.make_tensor_value_info(k, et, list(v.shape)) for k, v in feeds.items()],
+                [helper.make_tensor_value_info("out", et, list(x.shape))])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
+            model.ir_version = 8  # onnx's newest IR can be ahead of onnxruntime's
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+            io = sess.io_binding()
+            dev = {k: v.cuda().contiguous() for k, v in feeds.items()}
+            out = torch.empty_like(dev["x"])
+            for k, v in dev.items():
+                io.bind_input(k, "cuda", 0, et, list(v.shape), v.data_ptr())
+            io.bind_output("out", "cuda", 0, et, list(out.shape), out.data_ptr())
+            sess.run_with_iobinding(io)
+            torch.cuda.synchronize()
+            tol = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}[dtype]  # one rounding of the result
+            torch.testing.assert_close(out.float().cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))

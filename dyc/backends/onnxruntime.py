@@ -57,6 +57,24 @@ def _share_cpu_arena(ort, opts) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
+_shared_cuda_arenas: set[int] = set()
+
+
+def _share_cuda_arena(ort, opts, index: int) -> None:
+    """The same on CUDA: one env-registered device arena per GPU for every session's activations.
+
+    Groups never run at once (one stream, one engine per sampler call), so a buffer one group's
+    graph used is free for the next group's; ``arena_extend_strategy=kSameAsRequested`` as for
+    the sessions' own arenas.
+    """
+    if index not in _shared_cuda_arenas:
+        mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, index, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", mem, {"device_id": str(index)},
+                                             ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+        _shared_cuda_arenas.add(index)
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def ops_library() -> Path | None:
     """``libdyc_ort_ops.so`` (the ``dyc::SdtMlp`` custom-op library): ``$DYC_ORT_OPS_LIB``, else beside
     ``$DYC_PLUGIN_LIB``, else a CMake build folder of this checkout (``build/lib``, ``build/*/lib``)."""
@@ -106,8 +124,9 @@ class OnnxRuntimeBackend(Backend):
     """``OnnxRuntimeBackend(bundle, device="cpu", threads=None)``: sessions for every group, built at load.
 
     ``variant``: ``std`` | ``trt`` | ``cuda`` (default: ``cuda`` on CUDA where possible, else ``std``).
-    ``share_weights``: one copy of the weights for all sessions. ``share_arena`` (CPU): all sessions
-    allocate activations from one arena. ``cuda_graphs`` (CUDA): capture and replay CUDA graphs.
+    ``share_weights``: one copy of the weights for all sessions. ``share_arena``: all sessions
+    allocate activations from one arena. ``cuda_graphs`` (CUDA): capture
+    and replay CUDA graphs.
     ``custom_ops``: path of ``libdyc_ort_ops.so`` (default: ``ops_library()``).
     """
 
@@ -137,10 +156,10 @@ class OnnxRuntimeBackend(Backend):
                            f"only {', '.join(ort.get_available_providers())})")
         lib = Path(custom_ops) if custom_ops else ops_library()
         if variant is None:
-            variant = "cuda" if cuda and bundle.has_variant("cuda") and (lib or not bundle.dynamic) else "std"
+            variant = "cuda" if cuda and bundle.has_variant("cuda") and lib else "std"
         if variant not in ("std", "trt", "cuda"):
             raise DycError(f"unknown ONNX variant {variant!r}: choose std, trt or cuda")
-        needs_ops = variant == "trt" or (variant == "cuda" and bundle.dynamic)
+        needs_ops = variant in ("trt", "cuda")
         if needs_ops and lib is None:
             raise DycError(f"the {variant!r} graphs need libdyc_ort_ops.so (build plugins/ with CMake, or set "
                            "DYC_ORT_OPS_LIB)")
@@ -149,6 +168,8 @@ class OnnxRuntimeBackend(Backend):
                            f"{'with the ' + variant + ' graphs' if cuda else 'on the CPU'} (bf16 needs CUDA and "
                            "the cuda graphs); compile with --dtype fp32 or fp16, or use the torch or tensorrt backend")
         self.variant = variant
+        # the cuda graphs read the head/channel masks of row 0: every row of a call must share its t
+        self.mixed_timesteps = variant != "cuda"
         self.share_weights = share_weights
         self.cuda_graphs = cuda and cuda_graphs
         self._index = self._device.index if self._device.index is not None else (
@@ -162,7 +183,9 @@ class OnnxRuntimeBackend(Backend):
             opts.intra_op_num_threads = int(threads)
         if needs_ops:
             opts.register_custom_ops_library(str(lib))
-        if not cuda and share_arena:
+        if share_arena and cuda:
+            _share_cuda_arena(ort, opts, self._index)
+        elif share_arena:
             _share_cpu_arena(ort, opts)
         if share_weights and not cuda:
             # pre-packing would give every session its own packed copy of every GEMM weight

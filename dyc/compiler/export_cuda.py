@@ -10,11 +10,21 @@ Same interface and semantics as the ``std`` graph (``export.build_graph``), othe
   sm80+ for fp16/bf16; ONNX Runtime's CPU kernel and its fp32 CUDA fallbacks lack the packed form,
   so fp32 graphs take Q, K, V apart (``cpu_form``, also applied to fp16 graphs for checks on the CPU);
 * patchify is a GEMM on the conv weight's bytes seen as [C, C_in·p·p] (no cuDNN, and bf16 works);
-* the plain DiT's MLP uses ``com.microsoft.FastGelu`` (tanh GELU in one kernel).
+* the plain DiT's MLP uses ``com.microsoft.FastGelu`` with fc1's bias (tanh GELU in one kernel);
+* the glue between them is one pass each (``libdyc_ort_ops.so``; ORT's stock ops took 3-5 passes
+  over [B, N, C] and a broadcast copy of the bias before every biased GEMM, 41 % of a step's kernel
+  time on the H200, bench/RESULTS.md): ``dyc::LnModulate`` is LayerNorm + modulate, and
+  ``dyc::GatedResidual`` the residual ``x + gate·(y + bias)`` that takes proj's (and the plain
+  MLP's fc2) bias, so those GEMMs run without one; qkv's bias goes to MultiHeadAttention, whose
+  packed-QKV unpack adds it (stored once more in the [q | k | v] order it reads: 3·heads·Dh values
+  per layer).
 
-Every weight references the tensor the ``std`` graph stores (same key in ``weights.bin``), so
-this variant adds no byte to the bundle's weights. Shapes are static per (group, batch) and no
-node needs the host, which CUDA graphs require.
+Like ``SdtMlp``'s ``shared_channel_mask``, the head mask is read from row 0 (a sampler call runs one
+timestep): it zeroes the off heads' columns of proj's weight, [C, heads·Dh], instead of the
+attention output, [B·N, heads·Dh]. The backends declare it (``mixed_timesteps`` False).
+
+Every other weight references the tensor the ``std`` graph stores (same key in ``weights.bin``).
+Shapes are static per (group, batch) and no node needs the host, which CUDA graphs require.
 """
 
 from __future__ import annotations
@@ -34,10 +44,8 @@ from .export import (
     OPSET,
     WeightStore,
     _Graph,
-    _layernorm,
     _linear,
     _mask_slice,
-    _modulate,
     _silu,
     sliced_tensor,
 )
@@ -46,8 +54,19 @@ from .plan import GroupPlan
 MS_DOMAIN = "com.microsoft"
 
 
-def _gated_residual(g: _Graph, x: str, gate: str, y: str) -> str:
-    return g.op("Add", [x, g.op("Mul", [g.op("Unsqueeze", [gate, g.i64([1])]), y])])
+def _ln_modulate(g: _Graph, x: str, shift: str, scale: str) -> str:
+    """LayerNorm(x) · (1 + scale) + shift over x [B, N, C], one kernel."""
+    return g.op("LnModulate", [x, shift, scale], domain=CUSTOM_DOMAIN, eps=1e-6)
+
+
+def _gated_residual(g: _Graph, x: str, gate: str, y: str, bias: str | None = None) -> str:
+    """x + gate · (y + bias) over [B, N, C], one kernel."""
+    return g.op("GatedResidual", [x, gate, y] + ([bias] if bias else []), domain=CUSTOM_DOMAIN)
+
+
+def _gemm(g: _Graph, x2d: str, w: TensorProto) -> str:
+    """x [M, in] · Wᵀ without a bias (its add is fused into what follows)."""
+    return g.op("Gemm", [x2d, w.name], transB=1)
 
 
 def build_cuda_graph(
@@ -83,8 +102,8 @@ def build_cuda_graph(
     conv_w.dims.extend([c, cin * p * p])
     xp = g.op("Reshape", ["x", g.i64([-1, cin, grid, p, grid, p])])
     xp = g.op("Reshape", [g.op("Transpose", [xp], perm=[0, 2, 4, 1, 3, 5]), g.i64([-1, cin * p * p])])
-    xe = g.op("Reshape", [_linear(g, xp, conv_w, w("x_embedder.proj.bias")), g.i64([-1, n, c])])
-    x = g.op("Add", [xe, w("pos_embed").name])
+    xe = g.op("Reshape", [_gemm(g, xp, conv_w), g.i64([-1, n, c])])
+    x = g.op("Add", [xe, g.op("Add", [w("pos_embed").name, w("x_embedder.proj.bias").name])])  # [N, C] + [C]
     half = FREQ_DIM // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
     tf = g.op("Unsqueeze", [g.op("Cast", ["t"], to=TensorProto.FLOAT), g.i64([1])])
@@ -111,18 +130,19 @@ def build_cuda_graph(
         shift1, scale1, gate1, shift2, scale2, gate2 = g.op("Split", [mod, g.i64([c] * 6)], n_out=6, axis=1)
 
         g.scope = pre + "attn"
-        h = _modulate(g, _layernorm(g, x, c), shift1, scale1)
+        h = _ln_modulate(g, x, shift1, scale1)
         qkv_w = sw(pre + "attn.qkv.weight", "qkv_w", heads, h_order, 3 * d)  # rows [hn, 3, Dh]
-        qkv_b = sw(pre + "attn.qkv.bias", "qkv_b", heads, h_order, 3 * d)
-        qkv = _linear(g, g.op("Reshape", [h, g.i64([-1, c])]), qkv_w, qkv_b)
+        qkv = _gemm(g, g.op("Reshape", [h, g.i64([-1, c])]), qkv_w)
         qkv = g.op("Reshape", [qkv, g.i64([-1, n, hn, 3, d])])  # MultiHeadAttention's packed QKV
-        o = g.op("MultiHeadAttention", [qkv], domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
-        if group.vary_head[l]:
-            hm = g.op("Reshape", [_mask_slice(g, "head_mask", l, hn), g.i64([-1, 1, hn, 1])])
-            o = g.op("Mul", [g.op("Reshape", [o, g.i64([-1, n, hn, d])]), hm])
-        proj_w = sw(pre + "attn.proj.weight", "proj_w", heads, h_order, None)
-        o = _linear(g, g.op("Reshape", [o, g.i64([-1, hn * d])]), proj_w, w(pre + "attn.proj.bias"))
-        x = _gated_residual(g, x, gate1, g.op("Reshape", [o, g.i64([-1, n, c])]))
+        o = g.op("MultiHeadAttention", [qkv, "", "", _qkv_bias_mha(store, inits, cfg, sd, l, heads)],
+                 domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
+        proj_w = sw(pre + "attn.proj.weight", "proj_w", heads, h_order, None).name
+        if group.vary_head[l]:  # row 0's mask on proj's columns: [1, hn] -> [1, hn·Dh]
+            hm = g.op("Slice", [_mask_slice(g, "head_mask", l, hn), g.i64([0]), g.i64([1]), g.i64([0])])
+            hm = g.op("Expand", [g.op("Reshape", [hm, g.i64([1, hn, 1])]), g.i64([1, hn, d])])
+            proj_w = g.op("Mul", [proj_w, g.op("Reshape", [hm, g.i64([1, hn * d])])])
+        o = g.op("Gemm", [g.op("Reshape", [o, g.i64([-1, hn * d])]), proj_w], transB=1)
+        x = _gated_residual(g, x, gate1, g.op("Reshape", [o, g.i64([-1, n, c])]), w(pre + "attn.proj.bias").name)
 
         gs = cfg.group_size
         fc1w = sw(pre + "mlp.fc1.weight", "fc1_w", chans, c_order, gs)
@@ -131,9 +151,9 @@ def build_cuda_graph(
         fc2b = w(pre + "mlp.fc2.bias")
         if not cfg.dynamic:
             g.scope = pre + "mlp"
-            h = _modulate(g, _layernorm(g, x, c), shift2, scale2)
-            f = g.op("FastGelu", [_linear(g, g.op("Reshape", [h, g.i64([-1, c])]), fc1w, fc1b)], domain=MS_DOMAIN)
-            x = _gated_residual(g, x, gate2, g.op("Reshape", [_linear(g, f, fc2w, fc2b), g.i64([-1, n, c])]))
+            h = _ln_modulate(g, x, shift2, scale2)
+            f = g.op("FastGelu", [_gemm(g, g.op("Reshape", [h, g.i64([-1, c])]), fc1w), fc1b.name], domain=MS_DOMAIN)
+            x = _gated_residual(g, x, gate2, g.op("Reshape", [_gemm(g, f, fc2w), g.i64([-1, n, c])]), fc2b.name)
             continue
 
         g.scope = pre + "token_selection"
@@ -160,7 +180,7 @@ def build_cuda_graph(
     fm = _linear(g, cond, w("final_layer.adaLN_modulation.1.weight"), w("final_layer.adaLN_modulation.1.bias"))
     g.scope = "final"
     shift, scale = g.op("Split", [fm, g.i64([c, c])], n_out=2, axis=1)
-    h = _modulate(g, _layernorm(g, x, c), shift, scale)
+    h = _ln_modulate(g, x, shift, scale)
     o = _linear(g, g.op("Reshape", [h, g.i64([-1, c])]), w("final_layer.linear.weight"), w("final_layer.linear.bias"))
     o = g.op("Transpose", [g.op("Reshape", [o, g.i64([-1, grid, grid, p, p, oc])])], perm=[0, 5, 1, 3, 2, 4])
     g.nodes.append(helper.make_node("Reshape", [o, g.i64([-1, oc, grid * p, grid * p])], ["out"], name="final/out"))
@@ -168,13 +188,24 @@ def build_cuda_graph(
     outputs = [helper.make_tensor_value_info("out", dt, ["batch", oc, cfg.input_size, cfg.input_size])]
     graph = helper.make_graph(g.nodes, f"{cfg.name}-group{group.index}-cuda", inputs, outputs,
                               initializer=list(inits.values()) + g.inits, value_info=g.value_info)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    if cfg.dynamic:
-        opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(CUSTOM_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="dyc")
     model.ir_version = 8
     # fp32: no flash attention, and ORT's fallback kernels (CUDA and CPU) take Q, K, V apart
     return cpu_form(model) if dt == TensorProto.FLOAT else model
+
+
+def _qkv_bias_mha(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig,
+                  sd: Mapping[str, torch.Tensor], layer: int, heads: list[int]) -> str:
+    """Layer ``layer``'s qkv bias for ``heads`` in MultiHeadAttention's order, [q | k | v] (each
+    heads·Dh): the packed-QKV unpack adds it (the stored qkv weight is head-major, [heads, 3, Dh])."""
+    name = f"blocks.{layer}.qkv_b_mha"
+    if name not in inits:
+        c, d = cfg.hidden_size, cfg.head_dim
+        rows = torch.tensor([s * c + h * d + i for s in range(3) for h in heads for i in range(d)], dtype=torch.long)
+        key = f"blocks.{layer}.qkv_b_mha[{','.join(map(str, heads))}]"
+        inits[name] = store.ref(name, key, lambda: sd[f"blocks.{layer}.attn.qkv.bias"].index_select(0, rows))
+    return name
 
 
 def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -184,7 +215,8 @@ def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     nodes = []
     for node in out.graph.node:
-        if node.op_type == "MultiHeadAttention" and node.domain == MS_DOMAIN and len(node.input) == 1:
+        packed = len(node.input) == 1 or (len(node.input) >= 3 and not node.input[1] and not node.input[2])
+        if node.op_type == "MultiHeadAttention" and node.domain == MS_DOMAIN and packed:
             base = f"{node.name}/split_qkv"
             split = f"{base}:sizes"
             out.graph.initializer.append(helper.make_tensor(split, TensorProto.INT64, [3], [1, 1, 1]))
@@ -195,7 +227,8 @@ def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
             flat = [f"{base}:flat{i}" for i in range(3)]
             for i in range(3):  # [B, N, heads, 1, Dh] -> [B, N, heads·Dh]
                 nodes.append(helper.make_node("Reshape", [parts[i], shape], [flat[i]], name=f"{base}/reshape{i}"))
-            new = helper.make_node("MultiHeadAttention", flat, list(node.output), name=node.name, domain=MS_DOMAIN)
+            new = helper.make_node("MultiHeadAttention", flat + list(node.input[3:]), list(node.output),
+                                   name=node.name, domain=MS_DOMAIN)  # the bias, [q | k | v], as it was
             new.attribute.extend(node.attribute)
             nodes.append(new)
         else:

@@ -102,7 +102,7 @@ class OnnxRuntimeEngine final : public Engine {
     const bool has_cuda_graphs = std::all_of(bundle.groups().begin(), bundle.groups().end(),
                                              [](const Group& g) { return !g.onnx_cuda.empty(); });
     if (variant.empty()) {
-      if (opt.cuda && has_cuda_graphs && (!opt.custom_op_library.empty() || !cfg_.dynamic)) variant = "cuda";
+      if (opt.cuda && has_cuda_graphs && !opt.custom_op_library.empty()) variant = "cuda";
       else variant = opt.custom_op_library.empty() ? "std" : "trt";
     }
     if (variant != "std" && variant != "trt" && variant != "cuda") {
@@ -110,7 +110,7 @@ class OnnxRuntimeEngine final : public Engine {
     }
     if (variant == "cuda" && !has_cuda_graphs) throw Error(bname + " has no cuda graphs (compiled by an older dyc)");
     if (variant == "cuda" && !opt.cuda) throw Error("the cuda graphs run on CUDA only (OnnxRuntimeOptions::cuda)");
-    if ((variant == "trt" || (variant == "cuda" && cfg_.dynamic)) && opt.custom_op_library.empty()) {
+    if ((variant == "trt" || variant == "cuda") && opt.custom_op_library.empty()) {
       throw Error("the " + variant + " graphs need the custom-op library libdyc_ort_ops.so (custom_op_library)");
     }
     if (dtype_ == Dtype::bf16 && variant != "cuda") {

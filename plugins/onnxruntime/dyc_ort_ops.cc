@@ -1,4 +1,4 @@
-// ONNX Runtime custom-op library: dyc::SdtMlp.
+// ONNX Runtime custom-op library: dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual.
 //
 //   session_options.register_custom_ops_library("libdyc_ort_ops.so")
 //
@@ -15,6 +15,13 @@
 // (dyc_sdt_mlp_forward) on ORT's compute stream with scratch from ORT's allocator.
 // CPU EP: a float kernel with the same maths in plain C++ (small graphs, tests; the compiler's
 // decomposed graph is the fast CPU route).
+//
+// dyc::LnModulate (x [B, N, C], shift [B, C], scale [B, C]; attribute eps, default 1e-6) -> y:
+//   LayerNorm(x) (no affine) * (1 + scale[b]) + shift[b].
+// dyc::GatedResidual (x [B, N, C], gate [B, C], y [B, N, C], [bias [C]]) -> x + gate[b] * (y + bias).
+// They replace the stock LayerNormalization/Mul/Add chains and the GEMMs' bias broadcasts of the
+// `cuda` graphs (one pass over [B, N, C] each; dyc_ort_elementwise.cu); float, float16, bfloat16 on
+// CUDA, float on the CPU.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -26,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "dyc_ort_elementwise.h"
 #include "dyc_sdt_mlp.h"
 
 namespace {
@@ -195,6 +203,145 @@ struct SdtMlpOp : Ort::CustomOpBase<SdtMlpOp<Kernel, T>, Kernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
 };
 
+// ------------------------------------------------------------------------------------------------
+// dyc::LnModulate and dyc::GatedResidual
+
+std::vector<int64_t> in_shape(Ort::KernelContext& ctx, size_t i) {
+  return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape();
+}
+
+int ew_dtype(ONNXTensorElementDataType et, const char* op) {
+  switch (et) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return DYC_EW_FLOAT32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return DYC_EW_FLOAT16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return DYC_EW_BFLOAT16;
+    default: ORT_CXX_API_THROW(std::string(op) + ": inputs must be float, float16 or bfloat16", ORT_INVALID_ARGUMENT);
+  }
+}
+
+const char* ew_status(int st) {
+  switch (st) {
+    case DYC_EW_BAD_SHAPE: return "unsupported shape";
+    case DYC_EW_BAD_DTYPE: return "unsupported element type";
+    default: return "kernel launch failed";
+  }
+}
+
+// x [B, N, C] and the per-row [B, C] inputs at `rows`, the [B, N, C] ones at `full`
+std::vector<int64_t> check_bnc(Ort::KernelContext& ctx, const char* op, std::initializer_list<size_t> rows,
+                               std::initializer_list<size_t> full) {
+  const auto xs = in_shape(ctx, 0);
+  if (xs.size() != 3) ORT_CXX_API_THROW(std::string(op) + ": x must be [B, N, C]", ORT_INVALID_ARGUMENT);
+  for (size_t i : rows)
+    if (in_shape(ctx, i) != std::vector<int64_t>{xs[0], xs[2]})
+      ORT_CXX_API_THROW(std::string(op) + ": input " + std::to_string(i) + " must be [B, C]", ORT_INVALID_ARGUMENT);
+  for (size_t i : full)
+    if (in_shape(ctx, i) != xs)
+      ORT_CXX_API_THROW(std::string(op) + ": input " + std::to_string(i) + " must have x's shape", ORT_INVALID_ARGUMENT);
+  return xs;
+}
+
+float read_eps(const OrtKernelInfo* info) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<float>("eps");
+  } catch (const Ort::Exception&) {
+    return 1e-6f;
+  }
+}
+
+struct LnModulateKernel {
+  float eps;
+  bool cuda;
+  LnModulateKernel(const OrtKernelInfo* info, bool cuda_) : eps(read_eps(info)), cuda(cuda_) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto xs = check_bnc(ctx, "LnModulate", {1, 2}, {});
+    const int64_t B = xs[0], N = xs[1], C = xs[2];
+    auto out = ctx.GetOutput(0, xs);
+    if (cuda) {
+      auto x = ctx.GetInput(0);
+      const int st = dyc_ln_modulate(ew_dtype(x.GetTensorTypeAndShapeInfo().GetElementType(), "LnModulate"),
+                                     x.GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
+                                     ctx.GetInput(2).GetTensorRawData(), out.GetTensorMutableRawData(), B, N, C, eps,
+                                     static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
+      if (st != DYC_EW_OK) ORT_CXX_API_THROW(std::string("LnModulate: ") + ew_status(st), ORT_FAIL);
+      return;
+    }
+    const float *x = ctx.GetInput(0).GetTensorData<float>(), *shift = ctx.GetInput(1).GetTensorData<float>(),
+                *scale = ctx.GetInput(2).GetTensorData<float>();
+    float* y = out.GetTensorMutableData<float>();
+    for (int64_t r = 0; r < B * N; ++r) {
+      const float* xr = x + r * C;
+      const int64_t b = r / N;
+      double mean = 0, var = 0;
+      for (int64_t c = 0; c < C; ++c) mean += xr[c];
+      mean /= C;
+      for (int64_t c = 0; c < C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+      const double rstd = 1.0 / std::sqrt(var / C + eps);
+      for (int64_t c = 0; c < C; ++c)
+        y[r * C + c] = static_cast<float>((xr[c] - mean) * rstd * (1.0 + scale[b * C + c]) + shift[b * C + c]);
+    }
+  }
+};
+
+struct GatedResidualKernel {
+  bool cuda;
+  GatedResidualKernel(const OrtKernelInfo*, bool cuda_) : cuda(cuda_) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto xs = check_bnc(ctx, "GatedResidual", {1}, {2});
+    const int64_t B = xs[0], N = xs[1], C = xs[2];
+    const bool has_bias = ctx.GetInputCount() > 3 && static_cast<const OrtValue*>(ctx.GetInput(3)) != nullptr;
+    if (has_bias && in_shape(ctx, 3) != std::vector<int64_t>{C})
+      ORT_CXX_API_THROW("GatedResidual: bias must be [C]", ORT_INVALID_ARGUMENT);
+    auto out = ctx.GetOutput(0, xs);
+    if (cuda) {
+      auto x = ctx.GetInput(0);
+      const int st = dyc_gated_residual(ew_dtype(x.GetTensorTypeAndShapeInfo().GetElementType(), "GatedResidual"),
+                                        x.GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
+                                        ctx.GetInput(2).GetTensorRawData(),
+                                        has_bias ? ctx.GetInput(3).GetTensorRawData() : nullptr,
+                                        out.GetTensorMutableRawData(), B, N, C,
+                                        static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
+      if (st != DYC_EW_OK) ORT_CXX_API_THROW(std::string("GatedResidual: ") + ew_status(st), ORT_FAIL);
+      return;
+    }
+    const float *x = ctx.GetInput(0).GetTensorData<float>(), *gate = ctx.GetInput(1).GetTensorData<float>(),
+                *y = ctx.GetInput(2).GetTensorData<float>();
+    const float* bias = has_bias ? ctx.GetInput(3).GetTensorData<float>() : nullptr;
+    float* o = out.GetTensorMutableData<float>();
+    for (int64_t i = 0; i < B * N * C; ++i) {
+      const int64_t c = i % C, b = i / (N * C);
+      o[i] = x[i] + gate[b * C + c] * (y[i] + (bias ? bias[c] : 0.f));
+    }
+  }
+};
+
+// name, inputs (the last `optional` of them optional), one output of the inputs' type
+template <class Kernel, ONNXTensorElementDataType T>
+struct GlueOp : Ort::CustomOpBase<GlueOp<Kernel, T>, Kernel> {
+  const char* ep;
+  const char* name;
+  size_t inputs, optional;
+  GlueOp(const char* ep_, const char* name_, size_t inputs_, size_t optional_)
+      : ep(ep_), name(name_), inputs(inputs_), optional(optional_) {}
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const {
+    return new Kernel(info, std::string(ep) == "CUDAExecutionProvider");
+  }
+  const char* GetName() const { return name; }
+  const char* GetExecutionProviderType() const { return ep; }
+  size_t GetInputTypeCount() const { return inputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return T; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i + optional >= inputs ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
+};
+
 using CudaF32 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
 using CudaF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
 using CudaBF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>;
@@ -210,6 +357,16 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static CudaF16 cuda_f16("CUDAExecutionProvider");
   static CudaBF16 cuda_bf16("CUDAExecutionProvider");
   static CpuF32 cpu_f32("CPUExecutionProvider");
+  constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                 BF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  constexpr const char *kCuda = "CUDAExecutionProvider", *kCpu = "CPUExecutionProvider";
+  static GlueOp<LnModulateKernel, F32> ln_cuda_f32(kCuda, "LnModulate", 3, 0), ln_cpu_f32(kCpu, "LnModulate", 3, 0);
+  static GlueOp<LnModulateKernel, F16> ln_cuda_f16(kCuda, "LnModulate", 3, 0);
+  static GlueOp<LnModulateKernel, BF16> ln_cuda_bf16(kCuda, "LnModulate", 3, 0);
+  static GlueOp<GatedResidualKernel, F32> gr_cuda_f32(kCuda, "GatedResidual", 4, 1),
+      gr_cpu_f32(kCpu, "GatedResidual", 4, 1);
+  static GlueOp<GatedResidualKernel, F16> gr_cuda_f16(kCuda, "GatedResidual", 4, 1);
+  static GlueOp<GatedResidualKernel, BF16> gr_cuda_bf16(kCuda, "GatedResidual", 4, 1);
   static std::vector<Ort::CustomOpDomain> domains;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
@@ -219,6 +376,9 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&cuda_f16);
     domain.Add(&cuda_bf16);
     domain.Add(&cpu_f32);
+    for (auto* op : std::initializer_list<OrtCustomOp*>{&ln_cuda_f32, &ln_cpu_f32, &ln_cuda_f16, &ln_cuda_bf16,
+                                                        &gr_cuda_f32, &gr_cpu_f32, &gr_cuda_f16, &gr_cuda_bf16})
+      domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
     domains.push_back(std::move(domain));
   } catch (const Ort::Exception& e) {
