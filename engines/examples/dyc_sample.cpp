@@ -34,7 +34,7 @@ constexpr const char* kUsage =
     "                  [--engine onnxruntime|tensorrt] [--threads N] [--no-verify]\n"
     "                  [--custom-op-library LIB.so] [--plugin-library LIB.so] [--quiet]\n"
     "                  [--device cpu|cuda[:I]] [--variant std|trt|cuda] [--no-cuda-graphs] [--no-share-weights]\n"
-    "                  [--timing TIMES.json]\n";
+    "                  [--no-share-arena] [--timing TIMES.json]\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -154,6 +154,8 @@ int main(int argc, char** argv) {
         ort.cuda_graphs = false;
       } else if (a == "--no-share-weights") {
         ort.share_weights = false;
+      } else if (a == "--no-share-arena") {
+        ort.share_arena = false;
       } else if (a == "--timing") {
         timing_path = value();
       } else if (a == "--quiet") {

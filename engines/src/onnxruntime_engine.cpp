@@ -124,6 +124,7 @@ class OnnxRuntimeEngine final : public Engine {
       if (opt.intra_op_threads > 0) so.SetIntraOpNumThreads(opt.intra_op_threads);
       if (variant != "std") so.RegisterCustomOpsLibrary(opt.custom_op_library.c_str());
       if (opt.share_weights && !opt.cuda) so.AddConfigEntry("session.disable_prepacking", "1");
+      if (opt.share_arena) share_arena(so, opt);
 #ifdef DYC_WITH_CUDA
       if (opt.cuda) {
         cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
@@ -190,6 +191,26 @@ class OnnxRuntimeEngine final : public Engine {
       }
       sessions_.push_back(std::move(s));
     }
+  }
+
+  // One arena in the environment for every session's activations: K sessions of groups that run one
+  // after another would otherwise each keep an arena grown to its own peak (as dyc/backends/onnxruntime.py).
+  void share_arena(Ort::SessionOptions& so, const OnnxRuntimeOptions& opt) {
+    Ort::ArenaCfg arena(0, 1 /* kSameAsRequested */, -1, -1);
+    try {
+      if (opt.cuda) {
+        Ort::MemoryInfo mem("Cuda", OrtArenaAllocator, opt.device, OrtMemTypeDefault);
+        env_.CreateAndRegisterAllocatorV2("CUDAExecutionProvider", mem, {{"device_id", std::to_string(opt.device)}},
+                                          arena);
+      } else {
+        Ort::MemoryInfo mem("Cpu", OrtArenaAllocator, 0, OrtMemTypeDefault);
+        env_.CreateAndRegisterAllocator(mem, arena);
+      }
+    } catch (const Ort::Exception& e) {
+      // the environment is one per process: another engine may have registered it already
+      if (std::string(e.what()).find("already") == std::string::npos) throw;
+    }
+    so.AddConfigEntry("session.use_env_allocators", "1");
   }
 
   ~OnnxRuntimeEngine() override {

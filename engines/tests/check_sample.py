@@ -12,6 +12,10 @@ compiles an 8-group bundle over a ~350 MB weights file and checks that ``dyc_sam
 resident memory grows by at most 1.2x the weights file over a run on the tiny bundle (all group
 sessions over one copy), and by more than 2x with ``--no-share-weights`` (ONNX Runtime's own
 copies: the measurement tells them apart).
+``shared_arena``
+compiles an 8-group bundle with large activations (256 tokens) and checks that ``dyc_sample``'s peak
+resident memory over a 20-step chain that visits several groups is below 0.7x that of
+``--no-share-arena`` (one ONNX Runtime arena per group session), with equal latents.
 
     python check_sample.py CASE --repo REPO --work WORK --dyc-sample PATH/dyc_sample
 """
@@ -114,6 +118,43 @@ def _peak_rss(cmd: list[str], timing: Path) -> int:
     if peak < 0:
         sys.exit("dyc_sample cannot read its peak RSS on this system")
     return peak
+
+
+def shared_arena_case(args: argparse.Namespace) -> None:
+    import torch
+
+    from dyc.checkpoint import save_checkpoint
+    from dyc.config import ModelConfig
+    from dyc.model import DyDiT
+
+    work = args.work
+    bundle = work / "act.dyc"
+    if not bundle.exists():
+        torch.manual_seed(0)
+        cfg = ModelConfig(input_size=32, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4,
+                          num_classes=10)
+        model = DyDiT(cfg).eval()
+        with torch.no_grad():  # random routers: architectures vary with t, 8 groups
+            for name, p in model.named_parameters():
+                if name != "pos_embed":
+                    p.normal_(0.0, 3.0 if "_rate.router" in name else 0.05)
+        save_checkpoint(model, work / "act.safetensors")
+        must(dyc_cli(args, "compile", "act.safetensors", "-o", bundle.name, "--groups", "8", "--calib", "1",
+                     "--calib-steps", "2"), "dyc compile")
+        np.save(work / "noise_act.npy", np.random.default_rng(0).standard_normal((8, 4, 32, 32)).astype(np.float32))
+
+    def run(out: str, *extra: str) -> int:
+        return _peak_rss([str(args.dyc_sample), str(bundle), "--classes", "0,1,2,3,4,5,6,7", "--noise",
+                          str(work / "noise_act.npy"), "--steps", "20", "--cfg", "4", "--out", str(work / out),
+                          "--quiet", *extra], work / "arena.json")
+
+    shared, own = run("arena_shared.npy"), run("arena_own.npy", "--no-share-arena")
+    print(f"peak RSS over a 20-step chain (16 rows x 256 tokens, 8 groups): one shared arena {shared / 1e6:.0f} MB, "
+          f"an arena per session {own / 1e6:.0f} MB ({shared / own:.2f}x)")
+    if not np.array_equal(np.load(work / "arena_shared.npy"), np.load(work / "arena_own.npy")):
+        sys.exit("the shared arena changed the latents")
+    if shared > 0.7 * own:
+        sys.exit(f"shared arena: peak RSS {shared / own:.2f}x that of one arena per session (> 0.7x)")
 
 
 def shared_weights_case(args: argparse.Namespace) -> None:
@@ -235,6 +276,8 @@ def main() -> None:
         sample_case(args, args.case)
     elif args.case == "shared_weights":
         shared_weights_case(args)
+    elif args.case == "shared_arena":
+        shared_arena_case(args)
     else:
         bad_case(args, args.case)
     print("ok")

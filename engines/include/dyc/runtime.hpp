@@ -166,11 +166,11 @@ bool has_tensorrt();
 
 struct OnnxRuntimeOptions {
   int intra_op_threads = 0;  ///< 0: ONNX Runtime's default
-  /// libdyc_ort_ops.so (custom op dyc::SdtMlp): needed by the `trt` graphs and by the `cuda` graphs
-  /// of a DyDiT.
+  /// libdyc_ort_ops.so (custom ops dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual): needed by the
+  /// `trt` and the `cuda` graphs.
   std::filesystem::path custom_op_library;
-  /// "std", "trt" or "cuda"; empty: "cuda" on CUDA when the bundle has it (and the library is
-  /// given for a DyDiT), "trt" when a custom-op library is given, else "std".
+  /// "std", "trt" or "cuda"; empty: "cuda" on CUDA when the bundle has it and the library is
+  /// given, "trt" when a custom-op library is given, else "std".
   std::string variant;
   bool cuda = false;  ///< the CUDA execution provider (needs an onnxruntime-gpu build and a CUDA build of dyc)
   int device = 0;     ///< CUDA device
@@ -178,6 +178,9 @@ struct OnnxRuntimeOptions {
   /// One copy of weights.bin for every group session (the weights become graph inputs bound to
   /// views of it); false: each session owns its weights (K copies; on the CPU, pre-packed GEMMs).
   bool share_weights = true;
+  /// One activation arena for every group session (groups never run at once), registered with the
+  /// engine's ONNX Runtime environment (CPU, or the CUDA device); false: one arena per session.
+  bool share_arena = true;
 };
 /// Opens one ONNX Runtime session per group (throws Error if built without ONNX Runtime). Every
 /// graph and weights.bin are read once and checked against the manifest's sha256 on the bytes used.
