@@ -176,29 +176,42 @@ def test_abi_validates_before_touching_the_gpu(abi):
     assert abi.dyc_sdt_mlp_select_path(2, 1152, 4608, 288, 0, 1) == 0  # FORCE_GENERIC
 
 
-@pytest.mark.plugins_build
-def test_onnxruntime_custom_op_cpu_kernel(built_lib):
-    """dyc::SdtMlp through ONNX Runtime's CPU EP (the op library's float kernel) == the reference."""
-    ort = pytest.importorskip("onnxruntime")
+def _ops_lib(built_lib: Path) -> Path:
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     ops_lib = built_lib.parent / "libdyc_ort_ops.so"
     if not ops_lib.is_file():
         pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
+    return ops_lib
+
+
+def _one_op_session(ops_lib: Path, op: str, shapes: dict, out_shape, **attrs):
+    """An ONNX Runtime CPU session of one float node ``dyc::op`` (inputs named and shaped by ``shapes``)."""
+    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    node = helper.make_node(op, list(shapes), ["out"], domain="dyc", **attrs)
+    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()]
+    graph = helper.make_graph([node], op, ins, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
+    model.ir_version = 8  # onnx's newest IR can be ahead of onnxruntime's
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(ops_lib))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.plugins_build
+def test_onnxruntime_custom_op_cpu_kernel(built_lib):
+    """dyc::SdtMlp through ONNX Runtime's CPU EP (the op library's float kernel) == the reference."""
+    ops_lib = _ops_lib(built_lib)
 
     ts, cm, gs = _inputs(b=2, n=7, c=24, groups=3, gs=8, seed=4, dtype=torch.float32)
     names = ["x", "shift", "scale", "gate", "keep", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "channel_mask"]
     feeds = {n: t.numpy() for n, t in zip(names, [*ts, cm], strict=True)}
     for with_mask in (True, False):
         ins = names if with_mask else names[:9]
-        node = helper.make_node("SdtMlp", ins, ["y"], domain="dyc", group_size=gs, eps=1e-6)
-        graph = helper.make_graph(
-            [node], "sdt", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds[n].shape)) for n in ins],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
-        so = ort.SessionOptions()
-        so.register_custom_ops_library(str(ops_lib))
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _one_op_session(ops_lib, "SdtMlp", {n: list(feeds[n].shape) for n in ins}, list(feeds["x"].shape),
+                               group_size=gs, eps=1e-6)
         (y,) = sess.run(None, {n: feeds[n] for n in ins})
         want = K.sdt_mlp_reference(*ts, channel_mask=cm if with_mask else None, group_size=gs)
         torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4)
@@ -218,26 +231,16 @@ def test_top_level_ctest_runs_the_engine_unit_tests(built_lib):
 @pytest.mark.plugins_build
 def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
     """shared_channel_mask=1 reads row 0 of channel_mask for every image (the contract of the CUDA flag)."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    ops_lib = built_lib.parent / "libdyc_ort_ops.so"
-    if not ops_lib.is_file():
-        pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
-    from onnx import TensorProto, helper
+    ops_lib = _ops_lib(built_lib)
 
     ts, cm, gs = _inputs(b=3, n=6, c=24, groups=3, gs=8, seed=9, dtype=torch.float32)
     cm[1:] = 1 - cm[0]  # other rows differ from row 0: only row 0 may be read
     cm[:, 0] = 1
     names = ["x", "shift", "scale", "gate", "keep", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "channel_mask"]
     feeds = {n: t.numpy() for n, t in zip(names, [*ts, cm], strict=True)}
-    node = helper.make_node("SdtMlp", names, ["y"], domain="dyc", group_size=gs, eps=1e-6, shared_channel_mask=1)
-    graph = helper.make_graph(
-        [node], "sdt", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds[n].shape)) for n in names],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(ops_lib))
-    (y,) = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    sess = _one_op_session(ops_lib, "SdtMlp", {n: list(feeds[n].shape) for n in names}, list(feeds["x"].shape),
+                           group_size=gs, eps=1e-6, shared_channel_mask=1)
+    (y,) = sess.run(None, feeds)
     want = K.sdt_mlp_reference(*ts, channel_mask=cm[:1].expand_as(cm), group_size=gs)
     torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4)
 
@@ -245,12 +248,7 @@ def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
 @pytest.mark.plugins_build
 def test_onnxruntime_glue_ops_cpu_kernels(built_lib):
     """dyc::LnModulate and dyc::GatedResidual (with and without bias) on the CPU EP == torch's maths."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    ops_lib = built_lib.parent / "libdyc_ort_ops.so"
-    if not ops_lib.is_file():
-        pytest.skip("libdyc_ort_ops.so not built (no ONNX Runtime headers: plugins/scripts/fetch_ort_headers.sh)")
-    from onnx import TensorProto, helper
+    ops_lib = _ops_lib(built_lib)
 
     g = torch.Generator().manual_seed(3)
     b, n, c = 3, 5, 40
@@ -263,25 +261,11 @@ def test_onnxruntime_glue_ops_cpu_kernels(built_lib):
         ("GatedResidual", {"x": x, "gate": gate, "y": y, "bias": bias}, {}, x + gate[:, None] * (y + bias)),
         ("GatedResidual", {"x": x, "gate": gate, "y": y}, {}, x + gate[:, None] * y),
     ]
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(ops_lib))
     for op, feeds, attrs, want in cases:
-        node = helper.make_node(op, list(feeds), ["out"], domain="dyc", **attrs)
-        graph = helper.make_graph(
-            [node], op, [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in feeds.items()],
-            [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(x.shape))])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
-        model.ir_version = 8  # onnx's newest IR can be ahead of onnxruntime's
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _one_op_session(ops_lib, op, {k: list(v.shape) for k, v in feeds.items()}, list(x.shape), **attrs)
         (out,) = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
         torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-5, atol=1e-5)
-    bad = helper.make_node("GatedResidual", ["x", "gate", "y"], ["out"], domain="dyc")
-    graph = helper.make_graph([bad], "bad", [helper.make_tensor_value_info(k, TensorProto.FLOAT, None)
-                                             for k in ("x", "gate", "y")],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
-    model.ir_version = 8
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _one_op_session(ops_lib, "GatedResidual", dict.fromkeys(("x", "gate", "y")), None)
     with pytest.raises(Exception, match="GatedResidual: input 1 must be \\[B, C\\]"):
         sess.run(None, {"x": x.numpy(), "gate": gate[:, :5].contiguous().numpy(), "y": y.numpy()})
 

@@ -120,27 +120,32 @@ def _peak_rss(cmd: list[str], timing: Path) -> int:
     return peak
 
 
-def shared_arena_case(args: argparse.Namespace) -> None:
+def random_router_bundle(args: argparse.Namespace, name: str, **cfg_kw) -> Path:
+    """WORK/NAME.dyc: a random DyDiT whose routers vary with t, compiled into 8 groups (once)."""
     import torch
 
     from dyc.checkpoint import save_checkpoint
     from dyc.config import ModelConfig
     from dyc.model import DyDiT
 
-    work = args.work
-    bundle = work / "act.dyc"
+    bundle = args.work / f"{name}.dyc"
     if not bundle.exists():
         torch.manual_seed(0)
-        cfg = ModelConfig(input_size=32, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4,
-                          num_classes=10)
-        model = DyDiT(cfg).eval()
+        model = DyDiT(ModelConfig(patch_size=2, in_channels=4, num_classes=10, **cfg_kw)).eval()
         with torch.no_grad():  # random routers: architectures vary with t, 8 groups
-            for name, p in model.named_parameters():
-                if name != "pos_embed":
-                    p.normal_(0.0, 3.0 if "_rate.router" in name else 0.05)
-        save_checkpoint(model, work / "act.safetensors")
-        must(dyc_cli(args, "compile", "act.safetensors", "-o", bundle.name, "--groups", "8", "--calib", "1",
+            for pname, p in model.named_parameters():
+                if pname != "pos_embed":
+                    p.normal_(0.0, 3.0 if "_rate.router" in pname else 0.05)
+        save_checkpoint(model, args.work / f"{name}.safetensors")
+        must(dyc_cli(args, "compile", f"{name}.safetensors", "-o", bundle.name, "--groups", "8", "--calib", "1",
                      "--calib-steps", "2"), "dyc compile")
+    return bundle
+
+
+def shared_arena_case(args: argparse.Namespace) -> None:
+    work = args.work
+    bundle = random_router_bundle(args, "act", input_size=32, hidden_size=128, depth=4, num_heads=4)
+    if not (work / "noise_act.npy").exists():
         np.save(work / "noise_act.npy", np.random.default_rng(0).standard_normal((8, 4, 32, 32)).astype(np.float32))
 
     def run(out: str, *extra: str) -> int:
@@ -158,26 +163,8 @@ def shared_arena_case(args: argparse.Namespace) -> None:
 
 
 def shared_weights_case(args: argparse.Namespace) -> None:
-    import torch
-
-    from dyc.checkpoint import save_checkpoint
-    from dyc.config import ModelConfig
-    from dyc.model import DyDiT
-
     work = args.work
-    big = work / "big.dyc"
-    if not big.exists():
-        torch.manual_seed(0)
-        cfg = ModelConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=512, depth=8, num_heads=8,
-                          num_classes=10)
-        model = DyDiT(cfg).eval()
-        with torch.no_grad():  # random routers: every t its own architecture, 8 groups
-            for name, p in model.named_parameters():
-                if name != "pos_embed":
-                    p.normal_(0.0, 3.0 if "_rate.router" in name else 0.05)
-        save_checkpoint(model, work / "big.safetensors")
-        must(dyc_cli(args, "compile", "big.safetensors", "-o", big.name, "--groups", "8", "--calib", "1",
-                     "--calib-steps", "2"), "dyc compile")
+    big = random_router_bundle(args, "big", input_size=8, hidden_size=512, depth=8, num_heads=8)
     weights = (big / "weights.bin").stat().st_size
     groups = len(json.loads((big / "manifest.json").read_text())["groups"])
 
