@@ -6,7 +6,9 @@
 # Needs (carried / staged by the caller):
 #   onnxruntime-gpu 1.31.1 in /tmp/site (../shared/tools/stage-wheels onnxruntime-gpu==1.31.1): PYTHONPATH
 #   build/sm90/lib/{libdyc_plugins.so,libdyc_ort_ops.so}   (cmake -S . -B build/sm90 -DDYC_CUDA_ARCHS=90a ...)
-#   build/engines-cuda/dyc_sample                           (cmake -S engines -B build/engines-cuda, CUDA on)
+#   build/engines-cuda/dyc_sample                           (cmake -S engines -B build/engines-cuda, nvcc found,
+#                          -DONNXRUNTIME_ROOT=a folder with engines/.deps' include/ and lib/ holding the
+#                          onnxruntime-gpu wheel's libonnxruntime.so.1.31.1: ORT versions its symbols, docs/cpp.md)
 #   .wheels-dyc/ where the machine lacks dyc's Python dependencies (as for bench/gpu_dydit.sh)
 # Knobs: DTYPES="fp16" (add bf16 for a second bundle), LAMBDA=0.5, BATCH=16, SKIP_BENCH=1, SKIP_CPP=1.
 # Time: ~1 min smoke tests, ~2 min synth + compile (DiT-XL/2), ~1.5 min profile, ~2-3 min bench, ~1 min C++
