@@ -76,8 +76,9 @@ def _share_cuda_arena(ort, opts, index: int) -> None:
 
 
 def ops_library() -> Path | None:
-    """``libdyc_ort_ops.so`` (the ``dyc::SdtMlp`` custom-op library): ``$DYC_ORT_OPS_LIB``, else beside
-    ``$DYC_PLUGIN_LIB``, else a CMake build folder of this checkout (``build/lib``, ``build/*/lib``)."""
+    """``libdyc_ort_ops.so`` (custom ops ``dyc::SdtMlp``, ``dyc::LnModulate``, ``dyc::GatedResidual``):
+    ``$DYC_ORT_OPS_LIB``, else beside ``$DYC_PLUGIN_LIB``, else a CMake build folder of this checkout
+    (``build/lib``, ``build/*/lib``)."""
     env = os.environ.get("DYC_ORT_OPS_LIB")
     if env:
         p = Path(env)
@@ -125,8 +126,7 @@ class OnnxRuntimeBackend(Backend):
 
     ``variant``: ``std`` | ``trt`` | ``cuda`` (default: ``cuda`` on CUDA where possible, else ``std``).
     ``share_weights``: one copy of the weights for all sessions. ``share_arena``: all sessions
-    allocate activations from one arena. ``cuda_graphs`` (CUDA): capture
-    and replay CUDA graphs.
+    allocate activations from one arena. ``cuda_graphs`` (CUDA): capture and replay CUDA graphs.
     ``custom_ops``: path of ``libdyc_ort_ops.so`` (default: ``ops_library()``).
     """
 
