@@ -72,45 +72,9 @@ for dt in $DTYPES; do
 done
 B=/tmp/xl_${LAMBDA}_${DTYPES%% *}.dyc
 
-# ---- 3. memory: host RSS and device memory of all group sessions vs weights.bin -----------------
-step "3. memory of the group sessions"
-python3 - "$B" "$OUT/memory.json" <<'PY' 2>&1
-import json, sys, torch
-from dyc.bundle import Bundle
-from dyc.backends.onnxruntime import OnnxRuntimeBackend
-def rss():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
-b = Bundle.load(sys.argv[1], verify_checksums=False)
-w = b.manifest["files"]["weights.bin"]["bytes"]
-torch.cuda.init(); torch.cuda.synchronize()
-r0, (f0, _) = rss(), torch.cuda.mem_get_info()
-be = OnnxRuntimeBackend(b, device="cuda")
-torch.cuda.synchronize()
-r1, (f1, _) = rss(), torch.cuda.mem_get_info()
-cfg = b.config
-x = torch.randn(32, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda")
-y = torch.randint(0, cfg.num_classes, (32,), device="cuda")
-for g in b.groups:
-    feeds = {"x": x, "t": torch.full((32,), g.t_lo, device="cuda"), "y": y}
-    feeds.update({k: torch.from_numpy(v) for k, v in b.mask_inputs(g.t_lo, 32).items()})
-    be.run_group(g.index, feeds)
-torch.cuda.synchronize()
-r2, (f2, _) = rss(), torch.cuda.mem_get_info()
-rep = {"groups": len(b.groups), "weights_bytes": w, "variant": be.variant, "cuda_graphs": be.cuda_graphs,
-       "host_rss_load_x": (r1 - r0) / w, "device_load_x": (f0 - f1) / w,
-       "device_after_one_call_per_group_x": (f0 - f2) / w, "host_rss_after_x": (r2 - r0) / w}
-print(json.dumps(rep, indent=1))
-open(sys.argv[2], "w").write(json.dumps(rep, indent=1))
-PY
-python3 -c "
-import json; m = json.load(open('$OUT/memory.json'))
-print(f\"memory: {m['groups']} sessions, weights.bin {m['weights_bytes']/2**30:.2f} GiB: device {m['device_load_x']:.2f}x at load, \"
-      f\"{m['device_after_one_call_per_group_x']:.2f}x after a batch-32 call per group; host RSS {m['host_rss_load_x']:.2f}x\")" \
-  2>&1 | tee -a "$SUMMARY"
-
-# ---- 3b. where the time and the memory go: kernels by category, CUDA-graph replay per call, device
-#          memory of the group sessions with per-session arenas and with the shared one (default)
-step "3b. profile: kernels and memory (bench/profile_ort.py)"
+# ---- 3. where the time and the memory go: kernels by category, CUDA-graph replay per call, device
+#         memory (and host RSS) of the group sessions with per-session arenas and with the shared one
+step "3. profile: kernels and memory (bench/profile_ort.py)"
 python3 bench/profile_ort.py "$B" --batch "$BATCH" --memory --json "$OUT/profile_ort.json" 2>&1 \
   | grep -v "plugin EP" | grep -A8 "mean over the schedule\|^CUDA-graph\|^memory"
 python3 - "$OUT/profile_ort.json" <<'PY' 2>&1 | tee -a "$SUMMARY"
@@ -120,7 +84,8 @@ cats = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(p["mean"]["categories"]
 print(f"profile: {p['mean']['total_us'] / 1e3:.2f} ms of kernels per call ({cats} ms); graph replay {p['graph_ms_mean']:.2f} ms")
 for m in p.get("memory", []):
     print(f"memory ({m['config']}): " + (f"{m['groups']} sessions, device {m['load_x']:.2f}x weights.bin at load, "
-          f"{m['after_calls_x']:.2f}x after a call per group" if "load_x" in m else m.get("error", "?")))
+          f"{m['after_calls_x']:.2f}x after a {p['rows']}-row call per group, host RSS "
+          f"{m['host_rss_load_x']:.2f}x at load" if "load_x" in m else m.get("error", "?")))
 PY
 
 # ---- 4. verify the cuda graphs against eager on the GPU (every group, every schedule t) ---------

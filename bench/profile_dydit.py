@@ -38,8 +38,8 @@ CATEGORIES = [  # first match wins
 ]
 
 
-def categorize(name: str) -> str:
-    for cat, pat in CATEGORIES:
+def categorize(name: str, categories: list[tuple[str, str]] = CATEGORIES) -> str:
+    for cat, pat in categories:
         if re.search(pat, name):
             return cat
     return "other elementwise"
@@ -66,13 +66,13 @@ def kernel_times(fn, iters: int = 5) -> dict[str, float]:
     return {**agg, "#launches": launches / iters}
 
 
-def summarize(title: str, agg: dict[str, float]) -> dict:
+def summarize(title: str, agg: dict[str, float], categories: list[tuple[str, str]] = CATEGORIES) -> dict:
     agg = dict(agg)
     launches = agg.pop("#launches", None)
     total = sum(agg.values())
     cats: Counter[str] = Counter()
     for k, v in agg.items():
-        cats[categorize(k)] += v
+        cats[categorize(k, categories)] += v
     print(f"\n## {title}: {total / 1e3:.3f} ms of kernels per call"
           + (f", {launches:.0f} kernels" if launches is not None else ""))
     for c, v in cats.most_common():

@@ -4,7 +4,8 @@ Kernels: every group's engine at its first timestep of the schedule, ``2·batch`
 without CUDA graphs so that torch.profiler (CUPTI sees every kernel of the process, ONNX Runtime's
 included) can name each kernel; weighted by the steps each group serves, as ``dyc bench`` times them.
 Memory (``--memory``): device memory of the backend's K sessions at load and after one call per
-group, per configuration, each in a fresh process (ONNX Runtime does not give device memory back).
+group, and host RSS at load, per configuration, each in a fresh process (ONNX Runtime does not give
+device memory back).
 Usage (GPU, onnxruntime-gpu and libdyc_ort_ops.so):
     python bench/profile_ort.py BUNDLE [--batch 16] [--steps 50] [--json OUT] [--memory]
 """
@@ -52,7 +53,6 @@ def _feeds(b: Bundle, t: int, rows: int, dev: torch.device) -> dict[str, torch.T
 def kernels(bundle: str, batch: int, steps: int) -> dict:
     from dyc.backends.onnxruntime import OnnxRuntimeBackend
 
-    P.CATEGORIES[:] = CATEGORIES
     b = Bundle.load(bundle, verify_checksums=False)
     dev = torch.device("cuda")
     schedule = sampler_timesteps("ddim", steps)
@@ -64,10 +64,10 @@ def kernels(bundle: str, batch: int, steps: int) -> dict:
         t = next(t for t in schedule if group_of(b.groups, t).index == gi)
         feeds = _feeds(b, t, 2 * batch, dev)
         agg = P.kernel_times(lambda gi=gi, feeds=feeds: be.run_group(gi, feeds))
-        out["groups"][gi] = P.summarize(f"onnxruntime group {gi} (t={t}, {n} of {steps} steps)", agg)
+        out["groups"][gi] = P.summarize(f"onnxruntime group {gi} (t={t}, {n} of {steps} steps)", agg, CATEGORIES)
         for k, v in agg.items():
             weighted[k] += v * n / steps
-    out["mean"] = P.summarize("onnxruntime, mean over the schedule", dict(weighted))
+    out["mean"] = P.summarize("onnxruntime, mean over the schedule", dict(weighted), CATEGORIES)
     # the same calls as CUDA-graph replays, timed: what `dyc bench` sees
     be = OnnxRuntimeBackend(b, device=dev, cuda_graphs=True)
     ms: dict[int, float] = {}
@@ -94,15 +94,17 @@ def memory_one(bundle: str, batch: int, config: str) -> dict:
     """One configuration, this process: device bytes of the sessions at load and after a call per group."""
     from dyc.backends.onnxruntime import OnnxRuntimeBackend
 
+    def rss() -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
     b = Bundle.load(bundle, verify_checksums=False)
     dev = torch.device("cuda")
     torch.cuda.init()
     torch.cuda.synchronize()
-    f0, _ = torch.cuda.mem_get_info()
-    kw = {"share_arena": config == "shared-arena"}
-    be = OnnxRuntimeBackend(b, device=dev, **kw)
+    r0, (f0, _) = rss(), torch.cuda.mem_get_info()
+    be = OnnxRuntimeBackend(b, device=dev, share_arena=config == "shared-arena")
     torch.cuda.synchronize()
-    f1, _ = torch.cuda.mem_get_info()
+    r1, (f1, _) = rss(), torch.cuda.mem_get_info()
     outs = []
     for g in b.groups:
         outs.append(be.run_group(g.index, _feeds(b, g.t_lo, 2 * batch, dev)).float().cpu())
@@ -110,7 +112,8 @@ def memory_one(bundle: str, batch: int, config: str) -> dict:
     f2, _ = torch.cuda.mem_get_info()
     w = b.manifest["files"]["weights.bin"]["bytes"]
     return {"config": config, "groups": len(b.groups), "weights_bytes": w, "load_x": (f0 - f1) / w,
-            "after_calls_x": (f0 - f2) / w, "out_checksum": float(sum(o.double().abs().sum() for o in outs))}
+            "after_calls_x": (f0 - f2) / w, "host_rss_load_x": (r1 - r0) / w,
+            "out_checksum": float(sum(o.double().abs().sum() for o in outs))}
 
 
 def main() -> None:

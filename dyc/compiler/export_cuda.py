@@ -50,6 +50,7 @@ from .export import (
     sliced_tensor,
 )
 from .plan import GroupPlan
+from .slice import engine_tensor
 
 MS_DOMAIN = "com.microsoft"
 
@@ -201,10 +202,9 @@ def _qkv_bias_mha(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelC
     heads·Dh): the packed-QKV unpack adds it (the stored qkv weight is head-major, [heads, 3, Dh])."""
     name = f"blocks.{layer}.qkv_b_mha"
     if name not in inits:
-        c, d = cfg.hidden_size, cfg.head_dim
-        rows = torch.tensor([s * c + h * d + i for s in range(3) for h in heads for i in range(d)], dtype=torch.long)
         key = f"blocks.{layer}.qkv_b_mha[{','.join(map(str, heads))}]"
-        inits[name] = store.ref(name, key, lambda: sd[f"blocks.{layer}.attn.qkv.bias"].index_select(0, rows))
+        inits[name] = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, "qkv_b", heads)
+                                .view(len(heads), 3, cfg.head_dim).transpose(0, 1).reshape(-1))
     return name
 
 

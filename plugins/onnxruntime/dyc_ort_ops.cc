@@ -39,8 +39,6 @@
 namespace {
 
 constexpr const char* kDomain = "dyc";
-constexpr const char* kOpName = "SdtMlp";
-constexpr size_t kNumInputs = 10;
 
 struct Attrs {
   int64_t group_size = 0;  // 0: derive from the inputs
@@ -103,7 +101,7 @@ Dims check_shapes(Ort::KernelContext& ctx, const Attrs& at) {
 // CUDA EP kernel: one implementation, the C ABI.
 struct SdtMlpCudaKernel {
   Attrs at;
-  explicit SdtMlpCudaKernel(const OrtKernelInfo* info) : at(read_attrs(info)) {}
+  SdtMlpCudaKernel(const OrtKernelInfo* info, bool /*cuda*/) : at(read_attrs(info)) {}
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
@@ -144,7 +142,7 @@ struct SdtMlpCudaKernel {
 // CPU EP kernel (float): the same maths, token by token, skipping dropped tokens.
 struct SdtMlpCpuKernel {
   Attrs at;
-  explicit SdtMlpCpuKernel(const OrtKernelInfo* info) : at(read_attrs(info)) {}
+  SdtMlpCpuKernel(const OrtKernelInfo* info, bool /*cuda*/) : at(read_attrs(info)) {}
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
@@ -184,23 +182,6 @@ struct SdtMlpCpuKernel {
       }
     }
   }
-};
-
-template <class Kernel, ONNXTensorElementDataType T>
-struct SdtMlpOp : Ort::CustomOpBase<SdtMlpOp<Kernel, T>, Kernel> {
-  const char* ep;
-  explicit SdtMlpOp(const char* ep_) : ep(ep_) {}
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info); }
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return ep; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return T; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == kNumInputs - 1 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
-                               : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -319,13 +300,14 @@ struct GatedResidualKernel {
   }
 };
 
-// name, inputs (the last `optional` of them optional), one output of the inputs' type
+// Every op of the library: name, execution provider, inputs (the last `optional` of them
+// optional), all of element type T, and one output of type T. Kernel(info, on_cuda).
 template <class Kernel, ONNXTensorElementDataType T>
-struct GlueOp : Ort::CustomOpBase<GlueOp<Kernel, T>, Kernel> {
+struct Op : Ort::CustomOpBase<Op<Kernel, T>, Kernel> {
   const char* ep;
   const char* name;
   size_t inputs, optional;
-  GlueOp(const char* ep_, const char* name_, size_t inputs_, size_t optional_)
+  Op(const char* ep_, const char* name_, size_t inputs_, size_t optional_)
       : ep(ep_), name(name_), inputs(inputs_), optional(optional_) {}
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const {
     return new Kernel(info, std::string(ep) == "CUDAExecutionProvider");
@@ -342,41 +324,34 @@ struct GlueOp : Ort::CustomOpBase<GlueOp<Kernel, T>, Kernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
 };
 
-using CudaF32 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
-using CudaF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
-using CudaBF16 = SdtMlpOp<SdtMlpCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>;
-using CpuF32 = SdtMlpOp<SdtMlpCpuKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
-
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   // Ops and domain live as long as the process: sessions keep pointers to them.
-  static CudaF32 cuda_f32("CUDAExecutionProvider");
-  static CudaF16 cuda_f16("CUDAExecutionProvider");
-  static CudaBF16 cuda_bf16("CUDAExecutionProvider");
-  static CpuF32 cpu_f32("CPUExecutionProvider");
   constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                  BF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   constexpr const char *kCuda = "CUDAExecutionProvider", *kCpu = "CPUExecutionProvider";
-  static GlueOp<LnModulateKernel, F32> ln_cuda_f32(kCuda, "LnModulate", 3, 0), ln_cpu_f32(kCpu, "LnModulate", 3, 0);
-  static GlueOp<LnModulateKernel, F16> ln_cuda_f16(kCuda, "LnModulate", 3, 0);
-  static GlueOp<LnModulateKernel, BF16> ln_cuda_bf16(kCuda, "LnModulate", 3, 0);
-  static GlueOp<GatedResidualKernel, F32> gr_cuda_f32(kCuda, "GatedResidual", 4, 1),
+  // SdtMlp: 10 inputs, channel_mask optional; LnModulate: 3; GatedResidual: 4, bias optional
+  static Op<SdtMlpCudaKernel, F32> sdt_cuda_f32(kCuda, "SdtMlp", 10, 1);
+  static Op<SdtMlpCudaKernel, F16> sdt_cuda_f16(kCuda, "SdtMlp", 10, 1);
+  static Op<SdtMlpCudaKernel, BF16> sdt_cuda_bf16(kCuda, "SdtMlp", 10, 1);
+  static Op<SdtMlpCpuKernel, F32> sdt_cpu_f32(kCpu, "SdtMlp", 10, 1);
+  static Op<LnModulateKernel, F32> ln_cuda_f32(kCuda, "LnModulate", 3, 0), ln_cpu_f32(kCpu, "LnModulate", 3, 0);
+  static Op<LnModulateKernel, F16> ln_cuda_f16(kCuda, "LnModulate", 3, 0);
+  static Op<LnModulateKernel, BF16> ln_cuda_bf16(kCuda, "LnModulate", 3, 0);
+  static Op<GatedResidualKernel, F32> gr_cuda_f32(kCuda, "GatedResidual", 4, 1),
       gr_cpu_f32(kCpu, "GatedResidual", 4, 1);
-  static GlueOp<GatedResidualKernel, F16> gr_cuda_f16(kCuda, "GatedResidual", 4, 1);
-  static GlueOp<GatedResidualKernel, BF16> gr_cuda_bf16(kCuda, "GatedResidual", 4, 1);
+  static Op<GatedResidualKernel, F16> gr_cuda_f16(kCuda, "GatedResidual", 4, 1);
+  static Op<GatedResidualKernel, BF16> gr_cuda_bf16(kCuda, "GatedResidual", 4, 1);
   static std::vector<Ort::CustomOpDomain> domains;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   try {
     Ort::CustomOpDomain domain(kDomain);
-    domain.Add(&cuda_f32);
-    domain.Add(&cuda_f16);
-    domain.Add(&cuda_bf16);
-    domain.Add(&cpu_f32);
-    for (auto* op : std::initializer_list<OrtCustomOp*>{&ln_cuda_f32, &ln_cpu_f32, &ln_cuda_f16, &ln_cuda_bf16,
+    for (auto* op : std::initializer_list<OrtCustomOp*>{&sdt_cuda_f32, &sdt_cuda_f16, &sdt_cuda_bf16, &sdt_cpu_f32,
+                                                        &ln_cuda_f32, &ln_cpu_f32, &ln_cuda_f16, &ln_cuda_bf16,
                                                         &gr_cuda_f32, &gr_cpu_f32, &gr_cuda_f16, &gr_cuda_bf16})
       domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
