@@ -83,9 +83,15 @@ p = json.load(open(sys.argv[1]))
 cats = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(p["mean"]["categories"].items(), key=lambda kv: -kv[1]))
 print(f"profile: {p['mean']['total_us'] / 1e3:.2f} ms of kernels per call ({cats} ms); graph replay {p['graph_ms_mean']:.2f} ms")
 for m in p.get("memory", []):
-    print(f"memory ({m['config']}): " + (f"{m['groups']} sessions, device {m['load_x']:.2f}x weights.bin at load, "
-          f"{m['after_calls_x']:.2f}x after a {p['rows']}-row call per group, host RSS "
-          f"{m['host_rss_load_x']:.2f}x at load" if "load_x" in m else m.get("error", "?")))
+    if "load_x" not in m:
+        print(f"memory ({m['config']}): {m.get('error', '?')}")
+        continue
+    mb = [round(x / 2**20) for x in m["session_bytes"]]
+    print(f"memory ({m['config']}): {m['groups']} sessions over {m['weights_used_bytes'] / 2**30:.2f} GiB of weights used "
+          f"({m['weights_bytes'] / 2**30:.2f} GiB weights.bin): device {m['load_x_used']:.2f}x the weights used at load "
+          f"({m['load_x']:.2f}x weights.bin), {m['after_calls_x_used']:.2f}x after a {p['rows']}-row call per group; "
+          f"upload {m['weights_upload_bytes'] / 2**20:.0f} MiB, sessions {mb} MiB; host RSS {m['host_rss_load_x']:.2f}x at load; "
+          f"graph replay {m['graph_ms_mean']:.2f} ms per call")
 PY
 
 # ---- 4. verify the cuda graphs against eager on the GPU (every group, every schedule t) ---------

@@ -3,9 +3,10 @@
 Kernels: every group's engine at its first timestep of the schedule, ``2·batch`` rows (CFG), run
 without CUDA graphs so that torch.profiler (CUPTI sees every kernel of the process, ONNX Runtime's
 included) can name each kernel; weighted by the steps each group serves, as ``dyc bench`` times them.
-Memory (``--memory``): device memory of the backend's K sessions at load and after one call per
-group, and host RSS at load, per configuration, each in a fresh process (ONNX Runtime does not give
-device memory back).
+Memory (``--memory``): device memory of the backend's K sessions at load (the weights' upload, then
+each session as it is created) and after one call per group, and host RSS at load, per configuration
+(``MEMORY_CONFIGS``), each in a fresh process (ONNX Runtime does not give device memory back), with
+that configuration's CUDA-graph replay time per call (does a setting cost speed?).
 Usage (GPU, onnxruntime-gpu and libdyc_ort_ops.so):
     python bench/profile_ort.py BUNDLE [--batch 16] [--steps 50] [--json OUT] [--memory]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -69,7 +71,18 @@ def kernels(bundle: str, batch: int, steps: int) -> dict:
             weighted[k] += v * n / steps
     out["mean"] = P.summarize("onnxruntime, mean over the schedule", dict(weighted), CATEGORIES)
     # the same calls as CUDA-graph replays, timed: what `dyc bench` sees
-    be = OnnxRuntimeBackend(b, device=dev, cuda_graphs=True)
+    out["graph_ms"], out["graph_ms_mean"] = replay_ms(OnnxRuntimeBackend(b, device=dev, cuda_graphs=True), b,
+                                                      batch, steps)
+    print(f"\nCUDA-graph replay per call: {out['graph_ms_mean']:.3f} ms (schedule mean); per group {out['graph_ms']}")
+    return out
+
+
+def replay_ms(be, b: Bundle, batch: int, steps: int) -> tuple[dict[int, float], float]:
+    """Each group's call at its first schedule timestep, 2·batch rows, timed over 20 CUDA-graph
+    replays: per group, and the mean over the schedule (weighted by the steps each group serves)."""
+    dev = be.device
+    schedule = sampler_timesteps("ddim", steps)
+    uses = Counter(group_of(b.groups, t).index for t in schedule)
     ms: dict[int, float] = {}
     for gi in sorted(uses):
         t = next(t for t in schedule if group_of(b.groups, t).index == gi)
@@ -84,36 +97,71 @@ def kernels(bundle: str, batch: int, steps: int) -> dict:
         e.record()
         torch.cuda.synchronize()
         ms[gi] = s.elapsed_time(e) / 20
-    out["graph_ms"] = ms
-    out["graph_ms_mean"] = sum(ms[g] * n for g, n in uses.items()) / steps
-    print(f"\nCUDA-graph replay per call: {out['graph_ms_mean']:.3f} ms (schedule mean); per group {ms}")
-    return out
+    return ms, sum(ms[g] * n for g, n in uses.items()) / steps
+
+
+MEMORY_CONFIGS = {  # name: (OnnxRuntimeBackend keywords, environment of the process, a torch GEMM first)
+    "per-session-arena": ({"share_arena": False}, {}, False),
+    # the defaults: one arena; sessions create their cuBLAS handles under CUBLAS_WORKSPACE_CONFIG=:4096:1
+    "shared-arena": ({}, {}, False),
+    # the same after torch has used cuBLAS in this process (as in `dyc bench`: eager runs first)
+    "shared-arena, torch GEMM first": ({}, {}, True),
+    "shared-arena, cuBLAS default workspace": ({"cublas_workspace": None}, {}, False),
+    # the setting in the environment from the process's start
+    "shared-arena, CUBLAS_WORKSPACE_CONFIG=:4096:1 at start": ({}, {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}, False),
+}
 
 
 def memory_one(bundle: str, batch: int, config: str) -> dict:
-    """One configuration, this process: device bytes of the sessions at load and after a call per group."""
-    from dyc.backends.onnxruntime import OnnxRuntimeBackend
+    """One configuration, this process: device bytes of the sessions at load (the weights, then each
+    session as it is created) and after a call per group."""
+    import dyc.backends.onnxruntime as ortb
 
     def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
 
+    def free() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+
     b = Bundle.load(bundle, verify_checksums=False)
     dev = torch.device("cuda")
     torch.cuda.init()
-    torch.cuda.synchronize()
-    r0, (f0, _) = rss(), torch.cuda.mem_get_info()
-    be = OnnxRuntimeBackend(b, device=dev, share_arena=config == "shared-arena")
-    torch.cuda.synchronize()
-    r1, (f1, _) = rss(), torch.cuda.mem_get_info()
+    kw, _, torch_first = MEMORY_CONFIGS[config]
+    if torch_first:
+        (torch.ones(64, 64, device=dev) @ torch.ones(64, 64, device=dev)).sum().item()
+    marks: list[int] = []  # free device bytes after the weights' upload, then after each session
+    upload, session = ortb.device_weights, ortb.OnnxRuntimeBackend._session
+
+    def spy_upload(*a, **k):
+        out = upload(*a, **k)
+        marks.append(free())
+        return out
+
+    def spy_session(self, *a, **k):
+        out = session(self, *a, **k)
+        marks.append(free())
+        return out
+
+    ortb.device_weights, ortb.OnnxRuntimeBackend._session = spy_upload, spy_session
+    r0, f0 = rss(), free()
+    be = ortb.OnnxRuntimeBackend(b, device=dev, **kw)
+    r1, f1 = rss(), free()
     outs = []
     for g in b.groups:
         outs.append(be.run_group(g.index, _feeds(b, g.t_lo, 2 * batch, dev)).float().cpu())
-    torch.cuda.synchronize()
-    f2, _ = torch.cuda.mem_get_info()
+    f2 = free()
+    graph_ms, graph_ms_mean = replay_ms(be, b, batch, 50)
     w = b.manifest["files"]["weights.bin"]["bytes"]
-    return {"config": config, "groups": len(b.groups), "weights_bytes": w, "load_x": (f0 - f1) / w,
-            "after_calls_x": (f0 - f2) / w, "host_rss_load_x": (r1 - r0) / w,
-            "out_checksum": float(sum(o.double().abs().sum() for o in outs))}
+    used = be.weight_bytes()  # the bytes of weights.bin the sessions reference (one device copy)
+    steps = [f0, *marks]
+    return {"config": config, "groups": len(b.groups), "weights_bytes": w, "weights_used_bytes": used,
+            "load_x": (f0 - f1) / w, "after_calls_x": (f0 - f2) / w, "host_rss_load_x": (r1 - r0) / w,
+            "load_x_used": (f0 - f1) / used, "after_calls_x_used": (f0 - f2) / used,
+            "weights_upload_bytes": steps[0] - steps[1],
+            "session_bytes": [steps[i] - steps[i + 1] for i in range(1, len(steps) - 1)],
+            "out_checksum": float(sum(o.double().abs().sum() for o in outs)), "graph_ms_mean": graph_ms_mean,
+            "graph_ms": graph_ms}
 
 
 def main() -> None:
@@ -123,17 +171,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json")
     ap.add_argument("--memory", action="store_true", help="device memory per configuration (subprocesses)")
+    ap.add_argument("--skip-kernels", action="store_true", help="memory only: no kernel profile")
     ap.add_argument("--memory-config", help=argparse.SUPPRESS)  # one configuration, in this process
     a = ap.parse_args()
     if a.memory_config:
         print(json.dumps(memory_one(a.bundle, a.batch, a.memory_config)))
         return
-    out = kernels(a.bundle, a.batch, a.steps)
+    out = {} if a.skip_kernels else kernels(a.bundle, a.batch, a.steps)
     if a.memory:
         out["memory"] = []
-        for config in ("per-session-arena", "shared-arena"):
+        for config, (_, env, _) in MEMORY_CONFIGS.items():
             r = subprocess.run([sys.executable, __file__, a.bundle, "--batch", str(a.batch), "--memory-config", config],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env={**os.environ, **env})
             line = (r.stdout.strip().splitlines() or [""])[-1]
             try:
                 m = json.loads(line)

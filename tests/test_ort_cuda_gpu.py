@@ -134,18 +134,20 @@ def test_group_sessions_share_one_device_copy_of_the_weights(tmp_path):
         return free0 - torch.cuda.mem_get_info()[0], be
 
     shared, be = load_bytes()
-    assert be.weight_bytes() == weights
+    held = be.weight_bytes()  # the parts of weights.bin the cuda graphs reference (not std's own tensors)
+    assert 0 < held <= weights
     # what sessions that own their weights hold: each group's own slices (narrower groups, fewer bytes)
     per_group = sum(r.length for g in be.groups for r in g.weights)
-    assert per_group > 3 * weights
+    assert per_group > 2 * held
     own, _ = load_bytes(share_weights=False)
-    assert own - shared >= 0.9 * (per_group - weights), (shared, own, per_group, weights)
+    assert own - shared >= 0.9 * (per_group - held), (shared, own, per_group, held, weights)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_glue_ops_cuda_kernels_match_torch(dtype):
-    """dyc::LnModulate and dyc::GatedResidual on the CUDA EP against torch's maths in float32, at
-    DiT-XL/2's width (1152: several elements per thread) and an odd one."""
+    """dyc::LnModulate (also with the ones column), dyc::GatedResidual and dyc::TokenKeep on the CUDA
+    EP against torch's maths in float32, at DiT-XL/2's width (1152: the vector kernels), a narrower one
+    (512), a wide one (8192: several vectors per thread) and an odd one (45: the scalar kernels)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -156,32 +158,46 @@ def test_glue_ops_cuda_kernels_match_torch(dtype):
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(ops_library()))
     g = torch.Generator().manual_seed(0)
-    for b, n, c in ((4, 256, 1152), (3, 7, 45)):
+    for b, n, c in ((4, 256, 1152), (5, 33, 512), (2, 16, 8192), (3, 7, 45)):
         x, y = (torch.randn(b, n, c, generator=g) * 2 + 0.5).to(tdt), torch.randn(b, n, c, generator=g).to(tdt)
         shift, scale, gate = (torch.randn(b, c, generator=g).to(tdt) for _ in range(3))
         bias = torch.randn(c, generator=g).to(tdt)
         f = {k: v.float() for k, v in dict(x=x, y=y, shift=shift, scale=scale, gate=gate, bias=bias).items()}
+        ln = torch.nn.functional.layer_norm(f["x"], (c,), eps=1e-6) * (1 + f["scale"][:, None]) + f["shift"][:, None]
+        pad = (c + 8) // 8 * 8 - c - 1
         cases = [
-            ("LnModulate", dict(x=x, shift=shift, scale=scale), {"eps": 1e-6},
-             torch.nn.functional.layer_norm(f["x"], (c,), eps=1e-6) * (1 + f["scale"][:, None]) + f["shift"][:, None]),
+            ("LnModulate", dict(x=x, shift=shift, scale=scale), {"eps": 1e-6}, ln),
+            ("LnModulate", dict(x=x, shift=shift, scale=scale), {"eps": 1e-6, "ones_column": 8},
+             torch.cat([ln, torch.ones(b, n, 1), torch.zeros(b, n, pad)], dim=2)),
             ("GatedResidual", dict(x=x, gate=gate, y=y, bias=bias), {},
              f["x"] + f["gate"][:, None] * (f["y"] + f["bias"])),
+            ("GatedResidual", dict(x=x, gate=gate, y=y), {}, f["x"] + f["gate"][:, None] * f["y"]),
         ]
+        # TokenKeep over [b, n, c // 16 + 1] router activations (XL: 72 per token)
+        th = c // 16 + 1
+        h, b1, w2, b2 = (torch.randn(*s, generator=g).to(tdt) for s in ((b, n, th), (th,), (1, th), (1,)))
+        z = torch.relu(h.float() + b1.float()) @ w2.float()[0] + b2.float()
+        near = z.abs() < 1e-2  # float sums in another order may flip these tokens only
+        cases.append(("TokenKeep", dict(h=h, b1=b1, w2=w2, b2=b2), {}, (torch.sigmoid(z) > 0.5).float()))
         for op, feeds, attrs, want in cases:
             node = helper.make_node(op, list(feeds), ["out"], domain="dyc", **attrs)
             graph = helper.make_graph(
                 [node], op, [helper.make_tensor_value_info(k, et, list(v.shape)) for k, v in feeds.items()],
-                [helper.make_tensor_value_info("out", et, list(x.shape))])
+                [helper.make_tensor_value_info("out", et, list(want.shape))])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dyc", 1)])
             model.ir_version = 8  # onnx's newest IR can be ahead of onnxruntime's
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
             io = sess.io_binding()
             dev = {k: v.cuda().contiguous() for k, v in feeds.items()}
-            out = torch.empty_like(dev["x"])
+            out = torch.empty(want.shape, dtype=tdt, device="cuda")
             for k, v in dev.items():
                 io.bind_input(k, "cuda", 0, et, list(v.shape), v.data_ptr())
             io.bind_output("out", "cuda", 0, et, list(out.shape), out.data_ptr())
             sess.run_with_iobinding(io)
             torch.cuda.synchronize()
+            if op == "TokenKeep":
+                assert 0 < want.sum() < want.numel()
+                torch.testing.assert_close(out.float().cpu()[~near], want[~near], rtol=0, atol=0)
+                continue
             tol = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}[dtype]  # one rounding of the result
             torch.testing.assert_close(out.float().cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))

@@ -1,5 +1,5 @@
-"""The bundle's ``cuda`` graphs (ONNX Runtime CUDA EP), checked on the CPU: their structure, the one
-tensor they add to weights.bin, and the plain DiT's against the eager model where the op library is
+"""The bundle's ``cuda`` graphs (ONNX Runtime CUDA EP), checked on the CPU: their structure, the
+tensors they add to weights.bin, and the plain DiT's against the eager model where the op library is
 built (the graphs run in tests/test_plugins_build.py, which builds it)."""
 
 from __future__ import annotations
@@ -45,13 +45,17 @@ def _ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
 
 def test_cuda_graphs_reuse_the_stored_weights(bundles):
-    """Every weight of a cuda graph is a byte range the std/trt graphs already reference, except qkv's
-    bias in MultiHeadAttention's [q | k | v] order (3·heads·Dh values per layer), whose bytes must be
-    the model's bias for the group's heads in that order."""
+    """Every weight of a cuda graph is a byte range the std/trt graphs already reference, except the
+    q, k, v weights in the augmented layout ([heads·Dh, C'], each row followed by its bias and zeros),
+    whose bytes must be the model's qkv weight and bias for the group's heads in the graph's head order."""
+    from dyc.compiler.export_cuda import augmented_width
+
     model, path = bundles[True]
     b = Bundle.load(path)
     assert b.has_variant("cuda")
-    cfg, d = b.config, b.config.head_dim
+    cfg, c, d = b.config, b.config.hidden_size, b.config.head_dim
+    ca = augmented_width(c)
+    assert ca % 8 == 0 and ca > c
     raw = (b.path / "weights.bin").read_bytes()
     for g in b.groups:
         used = set()
@@ -59,12 +63,18 @@ def test_cuda_graphs_reuse_the_stored_weights(bundles):
             used |= set(_ranges(onnx.load(b.onnx_path(g, v), load_external_data=False)).values())
         cuda = _ranges(onnx.load(b.onnx_path(g, "cuda"), load_external_data=False))
         new = {k: r for k, r in cuda.items() if r not in used}
-        assert cuda and set(new) == {f"blocks.{layer}.qkv_b_mha" for layer in range(cfg.depth)}
+        assert cuda and set(new) == {f"blocks.{layer}.{p}_w_aug" for layer in range(cfg.depth) for p in "qkv"}
         for layer in range(cfg.depth):
-            off, n = new[f"blocks.{layer}.qkv_b_mha"]
-            got = torch.frombuffer(bytearray(raw[off:off + n]), dtype=torch.float16).float()
-            bias = model.blocks[layer].attn.qkv.bias.detach().view(3, cfg.num_heads, d)[:, g.heads[layer]]
-            torch.testing.assert_close(got, bias.reshape(-1).half().float(), rtol=0, atol=0)
+            heads = g.heads[layer]
+            w = model.blocks[layer].attn.qkv.weight.detach().view(3, cfg.num_heads, d, c)[:, heads]
+            bias = model.blocks[layer].attn.qkv.bias.detach().view(3, cfg.num_heads, d)[:, heads]
+            for part, p in enumerate("qkv"):
+                off, n = new[f"blocks.{layer}.{p}_w_aug"]
+                got = torch.frombuffer(bytearray(raw[off:off + n]), dtype=torch.float16).float().view(-1, ca)
+                assert got.shape[0] == len(heads) * d
+                torch.testing.assert_close(got[:, :c], w[part].reshape(-1, c).half().float(), rtol=0, atol=0)
+                torch.testing.assert_close(got[:, c], bias[part].reshape(-1).half().float(), rtol=0, atol=0)
+                assert not got[:, c + 1:].any()
 
 
 def test_cuda_graph_operators(bundles):
@@ -79,14 +89,18 @@ def test_cuda_graph_operators(bundles):
     assert all(next(a.i for a in n.attribute if a.name == "shared_channel_mask") == 1 for n in sdt)
     assert any(len(n.input) == 10 for n in sdt)  # the varying layers take their channel mask
     mha = [n for n in m.graph.node if n.op_type == "MultiHeadAttention"]
-    assert len(mha) == b.config.depth and all(list(n.input[1:3]) == ["", ""] for n in mha)  # packed QKV (fp16)
-    assert all(n.input[3].endswith("qkv_b_mha") for n in mha)  # qkv's bias, added by the unpack
-    split = cpu_form(m)
-    assert all(len(n.input) == 4 and n.input[3].endswith("qkv_b_mha")
-               for n in split.graph.node if n.op_type == "MultiHeadAttention")
+    # Q, K, V apart and no bias input: flash attention reads the GEMMs' outputs with no pass before it
+    assert len(mha) == b.config.depth and all(len(n.input) == 3 and all(n.input) for n in mha)
+    assert cpu_form(m) == m  # nothing packed left for the CPU form to split
     # the glue is one custom kernel each: no LayerNormalization chain, no biased GEMM over the tokens
     assert "LayerNormalization" not in ops
     assert ops.count("LnModulate") == b.config.depth + 1 and ops.count("GatedResidual") == b.config.depth
+    # the token router: one bias-free GEMM, then TokenKeep (no Relu/Sigmoid/Greater chain, no broadcast bias)
+    router = [n.op_type for n in m.graph.node if "token_selection" in n.name]
+    assert ops.count("TokenKeep") == b.config.depth and not {"Relu", "Sigmoid", "Greater"} & set(router), router
+    ones = [next((a.i for a in n.attribute if a.name == "ones_column"), 0) for n in m.graph.node
+            if n.op_type == "LnModulate"]
+    assert ones.count(8) == b.config.depth and ones.count(0) == 1  # before qkv, not before the final linear
     tokens_gemms = [n for n in m.graph.node
                     if n.op_type == "Gemm" and ("attn" in n.name or n.input[1] == "x_embedder.proj.weight")]
     assert tokens_gemms and all(len(n.input) == 2 for n in tokens_gemms)

@@ -247,7 +247,8 @@ def test_onnxruntime_custom_op_shared_channel_mask(built_lib):
 
 @pytest.mark.plugins_build
 def test_onnxruntime_glue_ops_cpu_kernels(built_lib):
-    """dyc::LnModulate and dyc::GatedResidual (with and without bias) on the CPU EP == torch's maths."""
+    """dyc::LnModulate (also with the ones column), dyc::GatedResidual (with and without bias) and
+    dyc::TokenKeep on the CPU EP == torch's maths."""
     ops_lib = _ops_lib(built_lib)
 
     g = torch.Generator().manual_seed(3)
@@ -261,10 +262,24 @@ def test_onnxruntime_glue_ops_cpu_kernels(built_lib):
         ("GatedResidual", {"x": x, "gate": gate, "y": y, "bias": bias}, {}, x + gate[:, None] * (y + bias)),
         ("GatedResidual", {"x": x, "gate": gate, "y": y}, {}, x + gate[:, None] * y),
     ]
+    # ones_column=8: the row, a one, zeros up to a multiple of 8 (40 -> 48 wide)
+    ln = cases[0][3]
+    cases.append(("LnModulate", cases[0][1], {"eps": 1e-6, "ones_column": 8},
+                  torch.cat([ln, torch.ones(b, n, 1), torch.zeros(b, n, 7)], dim=2)))
     for op, feeds, attrs, want in cases:
-        sess = _one_op_session(ops_lib, op, {k: list(v.shape) for k, v in feeds.items()}, list(x.shape), **attrs)
+        sess = _one_op_session(ops_lib, op, {k: list(v.shape) for k, v in feeds.items()}, list(want.shape), **attrs)
         (out,) = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
         torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-5, atol=1e-5)
+    # TokenKeep: the router's head after its bias-free GEMM; keep where sigmoid(logit) > 0.5
+    h, b1, w2, b2 = torch.randn(b, n, 8, generator=g), torch.randn(8, generator=g), torch.randn(1, 8, generator=g), \
+        torch.randn(1, generator=g)
+    z = torch.relu(h + b1) @ w2[0] + b2
+    assert (z.abs() > 1e-3).all()  # no token at the threshold: rounding cannot flip one
+    feeds = {"h": h, "b1": b1, "w2": w2, "b2": b2}
+    sess = _one_op_session(ops_lib, "TokenKeep", {k: list(v.shape) for k, v in feeds.items()}, [b, n])
+    (keep,) = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+    assert 0 < keep.sum() < b * n
+    torch.testing.assert_close(torch.from_numpy(keep), (torch.sigmoid(z) > 0.5).float(), rtol=0, atol=0)
     sess = _one_op_session(ops_lib, "GatedResidual", dict.fromkeys(("x", "gate", "y")), None)
     with pytest.raises(Exception, match="GatedResidual: input 1 must be \\[B, C\\]"):
         sess.run(None, {"x": x.numpy(), "gate": gate[:, :5].contiguous().numpy(), "y": y.numpy()})

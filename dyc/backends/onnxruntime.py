@@ -6,10 +6,11 @@ bundle has them and the custom-op library is found, else ``std``. ``variant=`` p
 
 Weights (``share_weights=True``, the default): every group graph is read once, checked against
 the manifest's sha256 and rewritten in memory so that its weights are graph inputs
-(``ort_weights``), and all sessions are bound to views into one copy of ``weights.bin`` (host
-memory, or one device allocation on CUDA): K groups cost one copy of the weights, not K. On the
-CPU this forgoes ONNX Runtime's pre-packed GEMM weights (one copy per session each); with
-``share_weights=False`` sessions own their weights (from the same checked bytes), K copies.
+(``ort_weights``), and all sessions are bound to views into one copy of the parts of ``weights.bin``
+they reference (host memory, or one device allocation on CUDA): K groups cost one copy of the
+weights, not K, and the other variants' tensors cost nothing. On the CPU this forgoes ONNX
+Runtime's pre-packed GEMM weights (one copy per session each); with ``share_weights=False``
+sessions own their weights (from the same checked bytes, the whole file), K copies.
 
 CUDA: inputs and output are bound in place (IO binding) to static per-(group, batch) buffers,
 every session runs on one side stream ordered with torch's current stream, and with
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ import torch
 
 from ..errors import DycError
 from .base import Backend
-from .ort_weights import WeightRef, device_weights, host_weights, weights_as_inputs
+from .ort_weights import WeightRef, device_weights, host_weights, remap, spans_of, weights_as_inputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -64,8 +66,30 @@ def _share_arena(ort, opts, cuda_index: int | None) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
+# cuBLAS gives every handle a default workspace sized by CUBLAS_WORKSPACE_CONFIG when the handle is
+# created (two 32 MiB pools on Hopper), and each CUDA session creates its own handle: 8 sessions held
+# ~0.5 GB of workspaces, a fifth of DiT-XL/2's fp16 weights (H200, bench/RESULTS.md). The groups run
+# one at a time on one stream, so one 4 MiB pool each is enough.
+CUBLAS_WORKSPACE = ":4096:1"
+
+
+@contextmanager
+def _cublas_workspace(config: str | None):
+    """CUBLAS_WORKSPACE_CONFIG=``config`` while the sessions create their cuBLAS handles, unless the
+    user set it (theirs wins) or ``config`` is None (cuBLAS's default)."""
+    if config is None or "CUBLAS_WORKSPACE_CONFIG" in os.environ:
+        yield
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = config
+    try:
+        yield
+    finally:
+        del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
 def ops_library() -> Path | None:
-    """``libdyc_ort_ops.so`` (custom ops ``dyc::SdtMlp``, ``dyc::LnModulate``, ``dyc::GatedResidual``):
+    """``libdyc_ort_ops.so`` (custom ops ``dyc::SdtMlp``, ``dyc::LnModulate``, ``dyc::GatedResidual``,
+    ``dyc::TokenKeep``):
     ``$DYC_ORT_OPS_LIB``, else beside ``$DYC_PLUGIN_LIB``, else a CMake build folder of this checkout
     (``build/lib``, ``build/*/lib``)."""
     env = os.environ.get("DYC_ORT_OPS_LIB")
@@ -117,6 +141,9 @@ class OnnxRuntimeBackend(Backend):
     ``share_weights``: one copy of the weights for all sessions. ``share_arena``: all sessions
     allocate activations from one arena. ``cuda_graphs`` (CUDA): capture and replay CUDA graphs.
     ``custom_ops``: path of ``libdyc_ort_ops.so`` (default: ``ops_library()``).
+    ``cublas_workspace`` (CUDA): the CUBLAS_WORKSPACE_CONFIG the sessions' cuBLAS handles are created
+    with (default ``CUBLAS_WORKSPACE``, one 4 MiB pool; None: cuBLAS's default; a CUBLAS_WORKSPACE_CONFIG
+    already in the environment wins).
     """
 
     name = "onnxruntime"
@@ -131,7 +158,8 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device = "cpu", threads: int | None = None,
                  variant: str | None = None, share_arena: bool = True, share_weights: bool = True,
-                 cuda_graphs: bool = True, custom_ops: str | os.PathLike | None = None):
+                 cuda_graphs: bool = True, custom_ops: str | os.PathLike | None = None,
+                 cublas_workspace: str | None = CUBLAS_WORKSPACE):
         import onnxruntime as ort
 
         self._ort = ort
@@ -187,10 +215,13 @@ class OnnxRuntimeBackend(Backend):
 
             graphs = [cpu_form(onnx.ModelProto.FromString(b)).SerializeToString() for b in graphs]
         if share_weights:
-            # one copy of the checked bytes: host memory, or streamed straight into one device allocation
-            self._weights = device_weights(bundle, self._device) if cuda else host_weights(bundle)
             rewritten = [weights_as_inputs(b, _WEIGHTS, wbytes, str(bundle.onnx_path(g, variant)))
                          for b, g in zip(graphs, bundle.groups, strict=True)]
+            # one copy of the checked bytes these graphs reference (not the other variants' tensors):
+            # host memory, or streamed straight into one device allocation
+            spans = spans_of(r for _, refs in rewritten for r in refs)
+            self._weights = device_weights(bundle, self._device, spans) if cuda else host_weights(bundle, spans)
+            rewritten = [(model, remap(refs, spans)) for model, refs in rewritten]
         else:
             host = host_weights(bundle)  # ORT copies what it needs from these checked bytes, per session
             opts.add_external_initializers_from_files_in_memory([_WEIGHTS], [host], [len(host)])
@@ -199,7 +230,8 @@ class OnnxRuntimeBackend(Backend):
 
         self.groups: list[_Group] = []
         for g, (model, refs) in zip(bundle.groups, rewritten, strict=True):
-            sess = self._session(ort, model, opts, bundle.onnx_path(g, variant))
+            with _cublas_workspace(cublas_workspace if cuda else None):
+                sess = self._session(ort, model, opts, bundle.onnx_path(g, variant))
             names = {r.name for r in refs}
             ins = {i.name: _TORCH_OF_ORT.get(i.type) for i in sess.get_inputs() if i.name not in names}
             grp = _Group(sess, ins, refs)
@@ -248,8 +280,9 @@ class OnnxRuntimeBackend(Backend):
         return [g.inputs for g in self.groups]
 
     def weight_bytes(self) -> int:
-        """Bytes of weights this backend holds (one copy of weights.bin when shared)."""
-        return 0 if self._weights is None else int(self._weights.numel())
+        """Bytes of weights this backend holds when shared: one copy of the parts of weights.bin its
+        graphs reference (0 when each session owns its weights)."""
+        return 0 if self._weights is None else int(self._weights.nbytes)  # uint8: numpy (CPU) or torch (CUDA)
 
     def _feeds(self, group: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         want = self.groups[group].inputs

@@ -5,19 +5,21 @@ Same interface and semantics as the ``std`` graph (``export.build_graph``), othe
 * SDT is ``dyc::SdtMlp`` (the plugin's CUDA kernel through the ONNX Runtime custom-op library
   ``libdyc_ort_ops.so``), with ``shared_channel_mask=1``: a sampler call runs one timestep, so
   every row of ``channel_mask`` is the same and GEMM1 runs as one plain GEMM;
-* attention is ``com.microsoft.MultiHeadAttention`` on the packed QKV ([B, N, heads, 3, Dh]: the
-  head-major rows of the stored qkv weight are already that layout), i.e. flash attention on
-  sm80+ for fp16/bf16; ONNX Runtime's CPU kernel and its fp32 CUDA fallbacks lack the packed form,
-  so fp32 graphs take Q, K, V apart (``cpu_form``, also applied to fp16 graphs for checks on the CPU);
+* attention is ``com.microsoft.MultiHeadAttention`` on Q, K and V [B, N, heads·Dh], three GEMMs
+  whose bias is a weight row (below): flash attention on sm80+ for fp16/bf16 reads them as they are,
+  with no unpack or bias pass (the packed QKV form cost an ``AddBiasUnpack`` pass per layer, 0.73 ms
+  of a DiT-XL/2 batch-32 step on the H200); the same node runs on ORT's CPU and fp32 CUDA kernels;
 * patchify is a GEMM on the conv weight's bytes seen as [C, C_in·p·p] (no cuDNN, and bf16 works);
 * the plain DiT's MLP uses ``com.microsoft.FastGelu`` with fc1's bias (tanh GELU in one kernel);
 * the glue between them is one pass each (``libdyc_ort_ops.so``; ORT's stock ops took 3-5 passes
   over [B, N, C] and a broadcast copy of the bias before every biased GEMM, 41 % of a step's kernel
   time on the H200, bench/RESULTS.md): ``dyc::LnModulate`` is LayerNorm + modulate, and
   ``dyc::GatedResidual`` the residual ``x + gate·(y + bias)`` that takes proj's (and the plain
-  MLP's fc2) bias, so those GEMMs run without one; qkv's bias goes to MultiHeadAttention, whose
-  packed-QKV unpack adds it (stored once more in the [q | k | v] order it reads: 3·heads·Dh values
-  per layer).
+  MLP's fc2) bias, so those GEMMs run without one; ``dyc::TokenKeep`` is the token router after its
+  first, bias-free GEMM (bias, ReLU, the one-output GEMM, sigmoid and threshold, one warp per
+  token); before qkv, LnModulate appends a ones column (zero-padded to a multiple of 8) and the q,
+  k, v weights carry their bias as the matching row (``blocks.L.{q,k,v}_w_aug``: the qkv weight
+  stored once more in this layout, [heads·Dh, C + 8]).
 
 Like ``SdtMlp``'s ``shared_channel_mask``, the head mask is read from row 0 (a sampler call runs one
 timestep): it zeroes the off heads' columns of proj's weight, [C, heads·Dh], instead of the
@@ -50,14 +52,26 @@ from .export import (
     sliced_tensor,
 )
 from .plan import GroupPlan
-from .slice import engine_tensor
+from .slice import engine_tensor, is_prefix
 
 MS_DOMAIN = "com.microsoft"
 
 
-def _ln_modulate(g: _Graph, x: str, shift: str, scale: str) -> str:
-    """LayerNorm(x) · (1 + scale) + shift over x [B, N, C], one kernel."""
-    return g.op("LnModulate", [x, shift, scale], domain=CUSTOM_DOMAIN, eps=1e-6)
+# qkv's GEMMs take their bias as one more weight row: LnModulate appends a ones column, padded
+# with zeros to a multiple of 8 (tensor-core alignment), so q, k, v leave their GEMMs ready for
+# flash attention, with no bias pass over them
+ONES_COLUMN = 8
+
+
+def augmented_width(c: int) -> int:
+    """Width of LnModulate's output with ``ones_column=ONES_COLUMN``: C, a ones column, zeros."""
+    return (c + ONES_COLUMN) // ONES_COLUMN * ONES_COLUMN
+
+
+def _ln_modulate(g: _Graph, x: str, shift: str, scale: str, ones_column: int = 0) -> str:
+    """LayerNorm(x) · (1 + scale) + shift over x [B, N, C], one kernel (``ones_column``: see ONES_COLUMN)."""
+    extra = {"ones_column": ones_column} if ones_column else {}
+    return g.op("LnModulate", [x, shift, scale], domain=CUSTOM_DOMAIN, eps=1e-6, **extra)
 
 
 def _gated_residual(g: _Graph, x: str, gate: str, y: str, bias: str | None = None) -> str:
@@ -79,6 +93,7 @@ def build_cuda_graph(
     dt = store.onnx_dtype
     c, n, p, d = cfg.hidden_size, cfg.num_tokens, cfg.patch_size, cfg.head_dim
     grid, oc, cin = cfg.input_size // p, cfg.out_channels, cfg.in_channels
+    c_aug = augmented_width(c)
     inits: dict[str, TensorProto] = {}
 
     def w(name: str) -> TensorProto:
@@ -131,12 +146,10 @@ def build_cuda_graph(
         shift1, scale1, gate1, shift2, scale2, gate2 = g.op("Split", [mod, g.i64([c] * 6)], n_out=6, axis=1)
 
         g.scope = pre + "attn"
-        h = _ln_modulate(g, x, shift1, scale1)
-        qkv_w = sw(pre + "attn.qkv.weight", "qkv_w", heads, h_order, 3 * d)  # rows [hn, 3, Dh]
-        qkv = _gemm(g, g.op("Reshape", [h, g.i64([-1, c])]), qkv_w)
-        qkv = g.op("Reshape", [qkv, g.i64([-1, n, hn, 3, d])])  # MultiHeadAttention's packed QKV
-        o = g.op("MultiHeadAttention", [qkv, "", "", _qkv_bias_mha(store, inits, cfg, sd, l, heads)],
-                 domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
+        h = g.op("Reshape", [_ln_modulate(g, x, shift1, scale1, ONES_COLUMN), g.i64([-1, c_aug])])
+        qkv = [g.op("Reshape", [_gemm(g, h, _qkv_aug(store, inits, cfg, sd, l, heads, h_order, part)),
+                                g.i64([-1, n, hn * d])]) for part in range(3)]
+        o = g.op("MultiHeadAttention", qkv, domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
         proj_w = sw(pre + "attn.proj.weight", "proj_w", heads, h_order, None).name
         if group.vary_head[l]:  # row 0's mask on proj's columns: [1, hn] -> [1, hn·Dh]
             hm = g.op("Slice", [_mask_slice(g, "head_mask", l, hn), g.i64([0]), g.i64([1]), g.i64([0])])
@@ -158,17 +171,10 @@ def build_cuda_graph(
             continue
 
         g.scope = pre + "token_selection"
-        r = _linear(g, g.op("Reshape", [x, g.i64([-1, c])]), w(pre + "token_selection.mlp_head.0.weight"),
-                    w(pre + "token_selection.mlp_head.0.bias"))
-        r = _linear(g, g.op("Relu", [r]), w(pre + "token_selection.mlp_head.2.weight"),
-                    w(pre + "token_selection.mlp_head.2.bias"))
-        s = g.op("Sigmoid", [g.op("Reshape", [r, g.i64([-1, n])])])
-        if dt == TensorProto.BFLOAT16:  # CUDA's Greater has no bf16 kernel; bf16 -> fp32 is exact
-            s = g.op("Cast", [s], to=TensorProto.FLOAT)
-            half_ = g.const(0.5, TensorProto.FLOAT)
-        else:
-            half_ = g.const(0.5)
-        keep = g.op("Cast", [g.op("Greater", [s, half_])], to=dt)  # [B, N]
+        ts = pre + "token_selection.mlp_head."
+        r = _gemm(g, g.op("Reshape", [x, g.i64([-1, c])]), w(ts + "0.weight"))  # [B·N, C/16], no bias
+        keep = g.op("TokenKeep", [g.op("Reshape", [r, g.i64([-1, n, cfg.token_hidden])]), w(ts + "0.bias").name,
+                                  w(ts + "2.weight").name, w(ts + "2.bias").name], domain=CUSTOM_DOMAIN)  # [B, N]
 
         g.scope = pre + "mlp"
         ins = [x, shift2, scale2, gate2, keep, fc1w.name, fc1b.name, fc2w.name, fc2b.name]
@@ -192,25 +198,35 @@ def build_cuda_graph(
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(CUSTOM_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="dyc")
     model.ir_version = 8
-    # fp32: no flash attention, and ORT's fallback kernels (CUDA and CPU) take Q, K, V apart
-    return cpu_form(model) if dt == TensorProto.FLOAT else model
+    return model
 
 
-def _qkv_bias_mha(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig,
-                  sd: Mapping[str, torch.Tensor], layer: int, heads: list[int]) -> str:
-    """Layer ``layer``'s qkv bias for ``heads`` in MultiHeadAttention's order, [q | k | v] (each
-    heads·Dh): the packed-QKV unpack adds it (the stored qkv weight is head-major, [heads, 3, Dh])."""
-    name = f"blocks.{layer}.qkv_b_mha"
-    if name not in inits:
-        key = f"blocks.{layer}.qkv_b_mha[{','.join(map(str, heads))}]"
-        inits[name] = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, "qkv_b", heads)
-                                .view(len(heads), 3, cfg.head_dim).transpose(0, 1).reshape(-1))
-    return name
+def _qkv_aug(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig, sd: Mapping[str, torch.Tensor],
+             layer: int, heads: list[int], order: list[int], part: int) -> TensorProto:
+    """Layer ``layer``'s q (``part`` 0), k (1) or v (2) weight for ``heads``, [heads·Dh, C'], each row
+    followed by its bias and zeros up to ``augmented_width(C)`` (the ones column of LnModulate's output
+    meets the bias). Stored once per layer in ``order`` where ``heads`` are its prefix (as ``sliced_tensor``)."""
+    name = f"blocks.{layer}.{'qkv'[part]}_w_aug"
+    if name in inits:
+        return inits[name]
+    c, d = cfg.hidden_size, cfg.head_dim
+
+    def make(units: list[int]) -> torch.Tensor:
+        w = engine_tensor(cfg, sd, layer, "qkv_w", units).view(len(units), 3, d, c)[:, part].reshape(-1, c)
+        b = engine_tensor(cfg, sd, layer, "qkv_b", units).view(len(units), 3, d)[:, part].reshape(-1, 1)
+        return torch.cat([w, b, w.new_zeros(w.shape[0], augmented_width(c) - c - 1)], dim=1)
+
+    prefix = is_prefix(heads, order)
+    units = order if prefix else heads
+    key = f"{name}[{','.join(map(str, units))}]"
+    inits[name] = store.ref(name, key, lambda: make(units), len(heads) * d if prefix else None)
+    return inits[name]
 
 
 def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same graph with every packed-QKV MultiHeadAttention fed split Q, K, V ([B, N, heads·Dh]
-    each), the form ONNX Runtime's CPU kernel takes. Same maths; for checks on the CPU."""
+    each), the form ONNX Runtime's CPU kernel takes. Same maths. The cuda graphs of this dyc feed
+    split Q, K, V already (it leaves them as they are); bundles compiled before it packed them."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = []

@@ -6,8 +6,11 @@
 // dim = 1 -> dim_value = 1.
 #include "onnx_weights.hpp"
 
+#include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <map>
+#include <utility>
 
 #include "sha256.hpp"
 
@@ -197,6 +200,64 @@ std::string weights_as_inputs(const std::string& model, const std::string& weigh
   }
   if (!seen_graph) throw Error(what + ": not a valid ONNX model (no graph)");
   return out;
+}
+
+std::vector<WeightSpan> spans_of(const std::vector<WeightRef>& refs) {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;  // [lo, hi)
+  for (const WeightRef& r : refs) {
+    if (r.length) ranges.emplace_back(r.offset, r.offset + r.length);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> merged;
+  for (const auto& [lo, hi] : ranges) {
+    if (!merged.empty() && lo <= merged.back().second) merged.back().second = std::max(merged.back().second, hi);
+    else merged.emplace_back(lo, hi);
+  }
+  std::vector<WeightSpan> spans;
+  std::uint64_t end = 0;
+  for (const auto& [lo, hi] : merged) {
+    const std::uint64_t dst = (end + kSpanAlign - 1) / kSpanAlign * kSpanAlign + lo % kSpanAlign;
+    spans.push_back({lo, dst, hi - lo});
+    end = dst + (hi - lo);
+  }
+  return spans;
+}
+
+std::uint64_t spans_size(const std::vector<WeightSpan>& spans) {
+  return spans.empty() ? 0 : spans.back().dst + spans.back().length;
+}
+
+namespace {
+// the last span starting at or before `off` (spans.begin() when none does)
+std::vector<WeightSpan>::const_iterator span_at(const std::vector<WeightSpan>& spans, std::uint64_t off) {
+  auto it = std::upper_bound(spans.begin(), spans.end(), off,
+                             [](std::uint64_t o, const WeightSpan& s) { return o < s.src; });
+  return it == spans.begin() ? it : std::prev(it);
+}
+}  // namespace
+
+void remap(std::vector<WeightRef>& refs, const std::vector<WeightSpan>& spans) {
+  for (WeightRef& r : refs) {
+    if (!r.length) {  // an empty tensor reads nothing
+      r.offset = 0;
+      continue;
+    }
+    const auto s = span_at(spans, r.offset);
+    if (s == spans.end() || s->src > r.offset || r.offset + r.length > s->src + s->length) {
+      throw Error("weight " + r.name + " (offset " + std::to_string(r.offset) + ", length " +
+                  std::to_string(r.length) + ") is outside the loaded spans");
+    }
+    r.offset = s->dst + (r.offset - s->src);
+  }
+}
+
+void copy_spans(const std::vector<WeightSpan>& spans, std::uint64_t off, const char* data, std::size_t size,
+                const std::function<void(std::uint64_t, const char*, std::size_t)>& put) {
+  const std::uint64_t end = off + size;
+  for (auto s = span_at(spans, off); s != spans.end() && s->src < end; ++s) {
+    const std::uint64_t lo = std::max(off, s->src), hi = std::min(end, s->src + s->length);
+    if (lo < hi) put(s->dst + (lo - s->src), data + (lo - off), static_cast<std::size_t>(hi - lo));
+  }
 }
 
 void stream_checked(const Bundle& bundle, const std::string& name,

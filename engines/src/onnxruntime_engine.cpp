@@ -2,13 +2,15 @@
 // Runtime cannot load fails at start-up rather than in the middle of a sampling chain.
 // Same settings as the Python backend (dyc/backends/onnxruntime.py): all graph optimisations;
 // every graph and weights.bin read once and checked (sha256) on the bytes used; by default the
-// weights are graph inputs bound to views of one copy of weights.bin (onnx_weights.hpp): host
-// memory on the CPU, one device allocation on CUDA. On CUDA (DYC_WITH_CUDA builds) the inputs and
-// the output are bound to static per-(group, batch) device buffers, ONNX Runtime captures one CUDA
-// graph per (group, batch), and fp32 <-> bundle dtype conversions run on the device.
+// weights are graph inputs bound to views of one copy of the parts of weights.bin the graphs
+// reference (onnx_weights.hpp): host memory on the CPU, one device allocation on CUDA. On CUDA
+// (DYC_WITH_CUDA builds) the inputs and the output are bound to static per-(group, batch) device
+// buffers, ONNX Runtime captures one CUDA graph per (group, batch), and fp32 <-> bundle dtype
+// conversions run on the device.
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -31,6 +33,24 @@ namespace {
 constexpr const char* kWeights = "weights.bin";
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// CUBLAS_WORKSPACE_CONFIG=config while a session creates its cuBLAS handle (cuBLAS sizes the
+// handle's default workspace from it then), unless config is empty or the user set it.
+class ScopedCublasWorkspace {
+ public:
+  explicit ScopedCublasWorkspace(const std::string& config)
+      : set_(!config.empty() && std::getenv("CUBLAS_WORKSPACE_CONFIG") == nullptr) {
+    if (set_) setenv("CUBLAS_WORKSPACE_CONFIG", config.c_str(), 1);
+  }
+  ~ScopedCublasWorkspace() {
+    if (set_) unsetenv("CUBLAS_WORKSPACE_CONFIG");
+  }
+  ScopedCublasWorkspace(const ScopedCublasWorkspace&) = delete;
+  ScopedCublasWorkspace& operator=(const ScopedCublasWorkspace&) = delete;
+
+ private:
+  bool set_;
+};
 
 #ifdef DYC_WITH_CUDA
 ONNXTensorElementDataType element_type(Dtype d) {
@@ -147,12 +167,11 @@ class OnnxRuntimeEngine final : public Engine {
       throw Error("ONNX Runtime: cannot set up the session options (" + first_line(e.what()) + ")");
     }
 
-    // weights: one checked copy (host or device), or each session's own from the checked bytes
+    // weights: one checked copy (host or device, after the graphs say which bytes they use), or each
+    // session's own from the checked bytes
     const std::uint64_t wbytes = bundle.file_info(kWeights).bytes;
     std::vector<char> owned_weights;  // share_weights = false: ORT copies from it per session
-    if (opt.share_weights) {
-      load_shared_weights(bundle, wbytes);
-    } else {
+    if (!opt.share_weights) {
       owned_weights.resize(wbytes);
       detail::stream_checked(bundle, kWeights, [&](std::uint64_t off, const char* d, std::size_t k) {
         std::memcpy(owned_weights.data() + off, d, k);
@@ -169,6 +188,7 @@ class OnnxRuntimeEngine final : public Engine {
       Session s;
       if (opt.share_weights) model = detail::weights_as_inputs(model, kWeights, wbytes, s.weights, path.string());
       try {
+        ScopedCublasWorkspace ws(opt.cuda ? opt.cublas_workspace : std::string());
         s.session = Ort::Session(env_, model.data(), model.size(), so);
       } catch (const Ort::Exception& e) {
         throw Error(path.string() + ": ONNX Runtime cannot load it (" + first_line(e.what()) + ")");
@@ -179,17 +199,27 @@ class OnnxRuntimeEngine final : public Engine {
         const bool weight = std::any_of(s.weights.begin(), s.weights.end(), [&](const auto& r) { return r.name == n; });
         if (!weight) s.inputs.push_back(std::move(n));
       }
-      if (!opt.cuda) {
-        s.binding = std::make_unique<Ort::IoBinding>(s.session);
-        const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-        for (const auto& r : s.weights) {  // views into the one host copy
-          s.weight_values.push_back(Ort::Value::CreateTensor(
-              mem, host_weights_.data() + r.offset, r.length, r.shape.data(), r.shape.size(),
-              static_cast<ONNXTensorElementDataType>(r.onnx_type)));
-          s.binding->BindInput(r.name.c_str(), s.weight_values.back());
-        }
-      }
+      if (!opt.cuda) s.binding = std::make_unique<Ort::IoBinding>(s.session);
       sessions_.push_back(std::move(s));
+    }
+    if (!opt.share_weights) return;
+
+    // one copy of only the bytes these graphs reference (not the other variants' tensors), compacted;
+    // every weight's offset then points into that copy
+    std::vector<detail::WeightRef> all;
+    for (const Session& s : sessions_) all.insert(all.end(), s.weights.begin(), s.weights.end());
+    const std::vector<detail::WeightSpan> spans = detail::spans_of(all);
+    load_shared_weights(bundle, spans);
+    for (Session& s : sessions_) detail::remap(s.weights, spans);
+    if (opt.cuda) return;  // bound per batch size (bind_cuda)
+    const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+    for (Session& s : sessions_) {
+      for (const auto& r : s.weights) {  // views into the one host copy
+        s.weight_values.push_back(Ort::Value::CreateTensor(
+            mem, host_weights_.data() + r.offset, r.length, r.shape.data(), r.shape.size(),
+            static_cast<ONNXTensorElementDataType>(r.onnx_type)));
+        s.binding->BindInput(r.name.c_str(), s.weight_values.back());
+      }
     }
   }
 
@@ -255,22 +285,29 @@ class OnnxRuntimeEngine final : public Engine {
   }
 
  private:
-  void load_shared_weights(const Bundle& bundle, std::uint64_t bytes) {
+  // The whole of weights.bin is streamed and hashed (the check covers every byte read); only the
+  // bytes inside `spans` are kept, at their compacted offsets.
+  void load_shared_weights(const Bundle& bundle, const std::vector<detail::WeightSpan>& spans) {
+    const std::uint64_t bytes = detail::spans_size(spans);
 #ifdef DYC_WITH_CUDA
     if (opt_.cuda) {  // streamed through a pinned chunk into one device allocation, checked at the end
       device_weights_ = std::make_unique<DeviceBuffer>(bytes);
-      HostBuffer chunk(std::size_t{1} << 26);
+      HostBuffer chunk(static_cast<std::size_t>(std::min<std::uint64_t>(bytes, std::uint64_t{1} << 26)));
       auto* dst = static_cast<char*>(device_weights_->p);
       detail::stream_checked(bundle, kWeights, [&](std::uint64_t off, const char* d, std::size_t k) {
-        std::memcpy(chunk.p, d, k);
-        cuda_check(cudaMemcpy(dst + off, chunk.p, k, cudaMemcpyHostToDevice), "cudaMemcpy (weights)");
+        detail::copy_spans(spans, off, d, k, [&](std::uint64_t at, const char* p, std::size_t n) {
+          std::memcpy(chunk.p, p, n);  // n <= min(k, bytes): fits the chunk
+          cuda_check(cudaMemcpy(dst + at, chunk.p, n, cudaMemcpyHostToDevice), "cudaMemcpy (weights)");
+        });
       });
       return;
     }
 #endif
     host_weights_.resize(bytes);
     detail::stream_checked(bundle, kWeights, [&](std::uint64_t off, const char* d, std::size_t k) {
-      std::memcpy(host_weights_.data() + off, d, k);
+      detail::copy_spans(spans, off, d, k, [&](std::uint64_t at, const char* p, std::size_t n) {
+        std::memcpy(host_weights_.data() + at, p, n);
+      });
     });
   }
 
@@ -458,7 +495,7 @@ class OnnxRuntimeEngine final : public Engine {
   OnnxRuntimeOptions opt_;
   std::string provider_ = "CPUExecutionProvider";
   std::string variant_;
-  std::vector<char> host_weights_;  // CPU, shared: the one copy every session's weight inputs view
+  std::vector<char> host_weights_;  // CPU, shared: the one copy (referenced spans) all weight inputs view
 #ifdef DYC_WITH_CUDA
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<DeviceBuffer> device_weights_;

@@ -1,6 +1,9 @@
 // Unit tests of what needs no model: sha256, the manifest's canonical JSON (Python's bytes),
-// timestep respacing, the noise schedule, 16-bit conversions, .npy IO. Expected values were
-// printed by Python (hashlib, json.dumps, dyc.timesteps, dyc.runtime.samplers).
+// timestep respacing, the noise schedule, 16-bit conversions, .npy IO, the shared weights' spans.
+// Expected values were printed by Python (hashlib, json.dumps, dyc.timesteps, dyc.runtime.samplers)
+// or worked out by hand (spans).
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -10,6 +13,7 @@
 #include "canonical_json.hpp"
 #include "dyc/runtime.hpp"
 #include "half.hpp"
+#include "onnx_weights.hpp"
 #include "sha256.hpp"
 
 namespace {
@@ -139,6 +143,60 @@ int main() {
     std::filesystem::remove(path);
     expect_throw([] { dyc::read_npy("/nonexistent/x.npy"); }, "cannot open", "npy missing");
     expect_throw([] { dyc::Bundle::load("/nonexistent/b.dyc"); }, "no such bundle directory", "bundle missing");
+  }
+
+  // ---- shared weights: the referenced byte ranges of weights.bin, compacted ----
+  {
+    using dyc::detail::WeightRef;
+    using dyc::detail::WeightSpan;
+    auto ref = [](const std::string& name, std::uint64_t offset, std::uint64_t length) {
+      WeightRef r;
+      r.name = name;
+      r.offset = offset;
+      r.length = length;
+      return r;
+    };
+    // b overlaps a, c touches b's end, d after a gap (and twice), f at a start that is not 64-aligned
+    std::vector<WeightRef> refs = {ref("f", 10005, 20), ref("a", 4096, 100), ref("b", 4146, 100),
+                                   ref("d", 8192, 64),  ref("c", 4246, 10),  ref("d2", 8192, 64),
+                                   ref("empty", 9000, 0)};
+    const auto spans = dyc::detail::spans_of(refs);
+    std::vector<std::array<std::uint64_t, 3>> got;
+    for (const WeightSpan& s : spans) got.push_back({s.src, s.dst, s.length});
+    // by hand: [4096, 4256) at 0; [8192, 8256) at round64(160) = 192; [10005, 10025) at 256 + 10005 % 64 = 277
+    expect_eq(got, std::vector<std::array<std::uint64_t, 3>>{{4096, 0, 160}, {8192, 192, 64}, {10005, 277, 20}},
+              "spans merged, gaps kept, alignment mod 64 kept");
+    expect_eq(dyc::detail::spans_size(spans), std::uint64_t{297}, "compacted size");
+    expect_eq(dyc::detail::spans_size({}), std::uint64_t{0}, "no spans");
+
+    // a 11000-byte "file" streamed in 37-byte chunks (crossing every span boundary)
+    std::string file(11000, '\0');
+    for (std::size_t i = 0; i < file.size(); ++i) file[i] = static_cast<char>((i * 7 + 3) % 251);
+    std::string buf(dyc::detail::spans_size(spans), '\xee');
+    std::uint64_t written = 0;
+    for (std::size_t off = 0; off < file.size(); off += 37) {
+      const std::size_t k = std::min<std::size_t>(37, file.size() - off);
+      dyc::detail::copy_spans(spans, off, file.data() + off, k, [&](std::uint64_t at, const char* p, std::size_t n) {
+        std::copy(p, p + n, buf.begin() + static_cast<std::ptrdiff_t>(at));
+        written += n;
+      });
+    }
+    expect_eq(written, std::uint64_t{160 + 64 + 20}, "only the spans' bytes are copied");
+    std::vector<WeightRef> moved = refs;
+    dyc::detail::remap(moved, spans);
+    std::vector<std::uint64_t> offsets;
+    for (const WeightRef& r : moved) offsets.push_back(r.offset);
+    expect_eq(offsets, std::vector<std::uint64_t>{277, 0, 50, 192, 150, 192, 0}, "remapped offsets");
+    for (std::size_t i = 0; i < refs.size(); ++i) {
+      expect_eq(buf.substr(moved[i].offset, moved[i].length), file.substr(refs[i].offset, refs[i].length),
+                "bytes of " + refs[i].name + " at its remapped offset");
+    }
+    std::vector<WeightRef> outside = {ref("gap", 5000, 8)};
+    expect_throw([&] { dyc::detail::remap(outside, spans); }, "outside the loaded spans", "remap: ref in a gap");
+    std::vector<WeightRef> across = {ref("across", 8250, 16)};
+    expect_throw([&] { dyc::detail::remap(across, spans); }, "outside the loaded spans", "remap: ref past a span");
+    std::vector<WeightRef> before = {ref("before", 0, 8)};
+    expect_throw([&] { dyc::detail::remap(before, spans); }, "outside the loaded spans", "remap: ref before all");
   }
 
   std::cout << (checks - failures) << " passed, " << failures << " failed\n";

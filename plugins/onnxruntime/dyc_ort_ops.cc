@@ -1,4 +1,4 @@
-// ONNX Runtime custom-op library: dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual.
+// ONNX Runtime custom-op library: dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual, dyc::TokenKeep.
 //
 //   session_options.register_custom_ops_library("libdyc_ort_ops.so")
 //
@@ -17,8 +17,12 @@
 // decomposed graph is the fast CPU route).
 //
 // dyc::LnModulate (x [B, N, C], shift [B, C], scale [B, C]; attribute eps, default 1e-6) -> y:
-//   LayerNorm(x) (no affine) * (1 + scale[b]) + shift[b].
+//   LayerNorm(x) (no affine) * (1 + scale[b]) + shift[b]. Attribute ones_column (int, default 0):
+//   k > 0 appends a column of ones and zeros up to a width of a multiple of k, y [B, N, C'], so
+//   that the GEMM after it takes its bias as a weight row (k = 8 keeps C' aligned for tensor cores).
 // dyc::GatedResidual (x [B, N, C], gate [B, C], y [B, N, C], [bias [C]]) -> x + gate[b] * (y + bias).
+// dyc::TokenKeep (h [..., H], b1 [H], w2 [1, H], b2 [1]) -> keep [...]: 1 where
+//   sigmoid(relu(h + b1) . w2 + b2) > 0.5, else 0 (the SDT router after its bias-free first GEMM).
 // They replace the stock LayerNormalization/Mul/Add chains and the GEMMs' bias broadcasts of the
 // `cuda` graphs (one pass over [B, N, C] each; dyc_ort_elementwise.cu); float, float16, bfloat16 on
 // CUDA, float on the CPU.
@@ -27,6 +31,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -230,22 +235,35 @@ float read_eps(const OrtKernelInfo* info) {
   }
 }
 
+int64_t read_ones_column(const OrtKernelInfo* info) {
+  int64_t k = 0;
+  try {
+    k = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("ones_column");
+  } catch (const Ort::Exception&) {
+  }
+  if (k < 0 || k > 1024) ORT_CXX_API_THROW("LnModulate: ones_column must be in [0, 1024]", ORT_INVALID_ARGUMENT);
+  return k;
+}
+
 struct LnModulateKernel {
   float eps;
+  int64_t ones;  // ones_column: 0, or the multiple the augmented width is rounded up to
   bool cuda;
-  LnModulateKernel(const OrtKernelInfo* info, bool cuda_) : eps(read_eps(info)), cuda(cuda_) {}
+  LnModulateKernel(const OrtKernelInfo* info, bool cuda_) : eps(read_eps(info)), ones(read_ones_column(info)),
+                                                            cuda(cuda_) {}
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const auto xs = check_bnc(ctx, "LnModulate", {1, 2}, {});
     const int64_t B = xs[0], N = xs[1], C = xs[2];
-    auto out = ctx.GetOutput(0, xs);
+    const int64_t Co = ones ? (C + ones) / ones * ones : C;  // round_up(C + 1, ones)
+    auto out = ctx.GetOutput(0, {B, N, Co});
     if (cuda) {
       auto x = ctx.GetInput(0);
       const int st = dyc_ln_modulate(ew_dtype(x.GetTensorTypeAndShapeInfo().GetElementType(), "LnModulate"),
                                      x.GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
-                                     ctx.GetInput(2).GetTensorRawData(), out.GetTensorMutableRawData(), B, N, C, eps,
-                                     static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
+                                     ctx.GetInput(2).GetTensorRawData(), out.GetTensorMutableRawData(), B, N, C, Co,
+                                     eps, static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
       if (st != DYC_EW_OK) ORT_CXX_API_THROW(std::string("LnModulate: ") + ew_status(st), ORT_FAIL);
       return;
     }
@@ -254,6 +272,7 @@ struct LnModulateKernel {
     float* y = out.GetTensorMutableData<float>();
     for (int64_t r = 0; r < B * N; ++r) {
       const float* xr = x + r * C;
+      float* yr = y + r * Co;
       const int64_t b = r / N;
       double mean = 0, var = 0;
       for (int64_t c = 0; c < C; ++c) mean += xr[c];
@@ -261,7 +280,8 @@ struct LnModulateKernel {
       for (int64_t c = 0; c < C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
       const double rstd = 1.0 / std::sqrt(var / C + eps);
       for (int64_t c = 0; c < C; ++c)
-        y[r * C + c] = static_cast<float>((xr[c] - mean) * rstd * (1.0 + scale[b * C + c]) + shift[b * C + c]);
+        yr[c] = static_cast<float>((xr[c] - mean) * rstd * (1.0 + scale[b * C + c]) + shift[b * C + c]);
+      for (int64_t c = C; c < Co; ++c) yr[c] = c == C ? 1.f : 0.f;
     }
   }
 };
@@ -300,6 +320,44 @@ struct GatedResidualKernel {
   }
 };
 
+struct TokenKeepKernel {
+  bool cuda;
+  TokenKeepKernel(const OrtKernelInfo*, bool cuda_) : cuda(cuda_) {}
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto hs = in_shape(ctx, 0);
+    if (hs.empty()) ORT_CXX_API_THROW("TokenKeep: h must be [..., H]", ORT_INVALID_ARGUMENT);
+    const int64_t H = hs.back();
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < hs.size(); ++i) M *= hs[i];
+    auto numel = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetElementCount(); };
+    if (numel(1) != static_cast<size_t>(H) || numel(2) != static_cast<size_t>(H) || numel(3) != 1)
+      ORT_CXX_API_THROW("TokenKeep: b1 and w2 must hold H values and b2 one", ORT_INVALID_ARGUMENT);
+    auto keep = ctx.GetOutput(0, std::vector<int64_t>(hs.begin(), hs.end() - 1));
+    if (M == 0) return;
+    if (cuda) {
+      auto h = ctx.GetInput(0);
+      const int st = dyc_token_keep(ew_dtype(h.GetTensorTypeAndShapeInfo().GetElementType(), "TokenKeep"),
+                                    h.GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
+                                    ctx.GetInput(2).GetTensorRawData(), ctx.GetInput(3).GetTensorRawData(),
+                                    keep.GetTensorMutableRawData(), M, H,
+                                    static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
+      if (st != DYC_EW_OK) ORT_CXX_API_THROW(std::string("TokenKeep: ") + ew_status(st), ORT_FAIL);
+      return;
+    }
+    const float *h = ctx.GetInput(0).GetTensorData<float>(), *b1 = ctx.GetInput(1).GetTensorData<float>(),
+                *w2 = ctx.GetInput(2).GetTensorData<float>(), *b2 = ctx.GetInput(3).GetTensorData<float>();
+    float* k = keep.GetTensorMutableData<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      float z = 0.f;
+      for (int64_t j = 0; j < H; ++j) z += std::max(h[m * H + j] + b1[j], 0.f) * w2[j];
+      z += b2[0];
+      k[m] = 1.f / (1.f + std::exp(-z)) > 0.5f ? 1.f : 0.f;
+    }
+  }
+};
+
 // Every op of the library: name, execution provider, inputs (the last `optional` of them
 // optional), all of element type T, and one output of type T. Kernel(info, on_cuda).
 template <class Kernel, ONNXTensorElementDataType T>
@@ -333,7 +391,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                  BF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   constexpr const char *kCuda = "CUDAExecutionProvider", *kCpu = "CPUExecutionProvider";
-  // SdtMlp: 10 inputs, channel_mask optional; LnModulate: 3; GatedResidual: 4, bias optional
+  // SdtMlp: 10 inputs, channel_mask optional; LnModulate: 3; GatedResidual: 4, bias optional; TokenKeep: 4
   static Op<SdtMlpCudaKernel, F32> sdt_cuda_f32(kCuda, "SdtMlp", 10, 1);
   static Op<SdtMlpCudaKernel, F16> sdt_cuda_f16(kCuda, "SdtMlp", 10, 1);
   static Op<SdtMlpCudaKernel, BF16> sdt_cuda_bf16(kCuda, "SdtMlp", 10, 1);
@@ -345,6 +403,9 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       gr_cpu_f32(kCpu, "GatedResidual", 4, 1);
   static Op<GatedResidualKernel, F16> gr_cuda_f16(kCuda, "GatedResidual", 4, 1);
   static Op<GatedResidualKernel, BF16> gr_cuda_bf16(kCuda, "GatedResidual", 4, 1);
+  static Op<TokenKeepKernel, F32> tk_cuda_f32(kCuda, "TokenKeep", 4, 0), tk_cpu_f32(kCpu, "TokenKeep", 4, 0);
+  static Op<TokenKeepKernel, F16> tk_cuda_f16(kCuda, "TokenKeep", 4, 0);
+  static Op<TokenKeepKernel, BF16> tk_cuda_bf16(kCuda, "TokenKeep", 4, 0);
   static std::vector<Ort::CustomOpDomain> domains;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
@@ -352,7 +413,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain(kDomain);
     for (auto* op : std::initializer_list<OrtCustomOp*>{&sdt_cuda_f32, &sdt_cuda_f16, &sdt_cuda_bf16, &sdt_cpu_f32,
                                                         &ln_cuda_f32, &ln_cpu_f32, &ln_cuda_f16, &ln_cuda_bf16,
-                                                        &gr_cuda_f32, &gr_cpu_f32, &gr_cuda_f16, &gr_cuda_bf16})
+                                                        &gr_cuda_f32, &gr_cpu_f32, &gr_cuda_f16, &gr_cuda_bf16,
+                                                        &tk_cuda_f32, &tk_cpu_f32, &tk_cuda_f16, &tk_cuda_bf16})
       domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
     domains.push_back(std::move(domain));

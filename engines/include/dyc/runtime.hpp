@@ -166,7 +166,7 @@ bool has_tensorrt();
 
 struct OnnxRuntimeOptions {
   int intra_op_threads = 0;  ///< 0: ONNX Runtime's default
-  /// libdyc_ort_ops.so (custom ops dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual): needed by the
+  /// libdyc_ort_ops.so (custom ops dyc::SdtMlp, dyc::LnModulate, dyc::GatedResidual, dyc::TokenKeep): needed by the
   /// `trt` and the `cuda` graphs.
   std::filesystem::path custom_op_library;
   /// "std", "trt" or "cuda"; empty: "cuda" on CUDA when the bundle has it and the library is
@@ -181,6 +181,11 @@ struct OnnxRuntimeOptions {
   /// One activation arena for every group session (groups never run at once), registered with the
   /// engine's ONNX Runtime environment (CPU, or the CUDA device); false: one arena per session.
   bool share_arena = true;
+  /// CUDA: the CUBLAS_WORKSPACE_CONFIG each session's cuBLAS handle is created with (cuBLAS gives
+  /// every handle its own default workspace, two 32 MiB pools on Hopper; groups run one at a time on
+  /// one stream, so one 4 MiB pool is enough); empty: cuBLAS's default. One already in the
+  /// environment wins.
+  std::string cublas_workspace = ":4096:1";
 };
 /// Opens one ONNX Runtime session per group (throws Error if built without ONNX Runtime). Every
 /// graph and weights.bin are read once and checked against the manifest's sha256 on the bytes used.
