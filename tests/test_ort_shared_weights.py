@@ -118,3 +118,24 @@ def test_altered_weights_are_refused_on_the_bytes_read(tmp_path, big_bundle):
     graph.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(DycError, match="group0.onnx was altered"):
         OnnxRuntimeBackend(Bundle.load(copy, verify_checksums=False))
+
+
+def test_cublas_workspace_setting_is_scoped_and_yields_to_the_users(monkeypatch):
+    """The sessions' cuBLAS handles are created under CUBLAS_WORKSPACE_CONFIG=:4096:1 (one 4 MiB pool
+    each; cuBLAS's default is ~60 MB per handle on Hopper, bench/RESULTS.md), the variable is gone
+    afterwards, and a value the user set is left as it is."""
+    import os
+
+    from dyc.backends.onnxruntime import CUBLAS_WORKSPACE, _cublas_workspace
+
+    assert CUBLAS_WORKSPACE == ":4096:1"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with _cublas_workspace(CUBLAS_WORKSPACE):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:1"
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with _cublas_workspace(None):  # cuBLAS's default
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with _cublas_workspace(CUBLAS_WORKSPACE):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
