@@ -66,10 +66,13 @@ def _share_arena(ort, opts, cuda_index: int | None) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
-# cuBLAS gives every handle a default workspace sized by CUBLAS_WORKSPACE_CONFIG when the handle is
-# created (two 32 MiB pools on Hopper), and each CUDA session creates its own handle: 8 sessions held
-# ~0.5 GB of workspaces, a fifth of DiT-XL/2's fp16 weights (H200, bench/RESULTS.md). The groups run
-# one at a time on one stream, so one 4 MiB pool each is enough.
+# cuBLAS gives every handle a default workspace sized by CUBLAS_WORKSPACE_CONFIG (~60 MB each on the
+# H200), and each CUDA session creates its own handle: 8 sessions held ~0.5 GB of workspaces, a fifth
+# of DiT-XL/2's fp16 weights (bench/RESULTS.md). The groups run one at a time on one stream, so one
+# 4 MiB pool each is enough (same speed there). cuBLAS reads the variable when the process's first
+# handle is created: it applies where the sessions are created before any other cuBLAS use (the
+# backend is built before sampling starts), not after torch has run a GEMM (dyc bench's eager rows
+# run first: set it at the process's start there).
 CUBLAS_WORKSPACE = ":4096:1"
 
 

@@ -34,8 +34,9 @@ constexpr const char* kWeights = "weights.bin";
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
-// CUBLAS_WORKSPACE_CONFIG=config while a session creates its cuBLAS handle (cuBLAS sizes the
-// handle's default workspace from it then), unless config is empty or the user set it.
+// CUBLAS_WORKSPACE_CONFIG=config while a session creates its cuBLAS handle, unless config is empty or
+// the user set it. cuBLAS reads it when the process's first handle is created (H200: it applies when
+// these sessions are the first cuBLAS users, not after another handle; dyc/backends/onnxruntime.py).
 class ScopedCublasWorkspace {
  public:
   explicit ScopedCublasWorkspace(const std::string& config)

@@ -182,9 +182,10 @@ struct OnnxRuntimeOptions {
   /// engine's ONNX Runtime environment (CPU, or the CUDA device); false: one arena per session.
   bool share_arena = true;
   /// CUDA: the CUBLAS_WORKSPACE_CONFIG each session's cuBLAS handle is created with (cuBLAS gives
-  /// every handle its own default workspace, two 32 MiB pools on Hopper; groups run one at a time on
-  /// one stream, so one 4 MiB pool is enough); empty: cuBLAS's default. One already in the
-  /// environment wins.
+  /// every handle its own default workspace, ~60 MB on an H200; groups run one at a time on one
+  /// stream, so one 4 MiB pool is enough); empty: cuBLAS's default. One already in the environment
+  /// wins. cuBLAS reads it when the process's first handle is created: it applies when these
+  /// sessions are the process's first cuBLAS users (else set it at the process's start).
   std::string cublas_workspace = ":4096:1";
 };
 /// Opens one ONNX Runtime session per group (throws Error if built without ONNX Runtime). Every
