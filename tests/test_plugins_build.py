@@ -286,6 +286,37 @@ def test_onnxruntime_glue_ops_cpu_kernels(built_lib):
 
 
 @pytest.mark.plugins_build
+def test_op_library_abi_is_checked_against_the_graphs(built_lib, tmp_path, monkeypatch):
+    """The built library says ABI 2 (TokenKeep, ones_column), a library without the symbol counts as 1,
+    and a backend over cuda graphs that need 2 refuses an ABI-1 library with a clear error instead of
+    failing at run time (or, for ones_column, computing on a narrower tensor)."""
+    import ctypes.util
+
+    from conftest import random_model, tiny_config
+
+    import dyc.backends.onnxruntime as ortb
+    from dyc.bundle import Bundle
+    from dyc.checkpoint import save_checkpoint
+    from dyc.compiler.compile import compile_checkpoint
+    from dyc.compiler.export_cuda import required_ops_abi
+    from dyc.errors import DycError
+
+    ops_lib = _ops_lib(built_lib)
+    assert ortb.ops_library_abi(ops_lib) == 2
+    assert ortb.ops_library_abi(ctypes.util.find_library("m") or "libm.so.6") == 1  # no dyc_ort_ops_abi symbol
+    with pytest.raises(DycError, match="cannot load the custom-op library"):
+        ortb.ops_library_abi(tmp_path / "missing.so")
+    ck = save_checkpoint(random_model(tiny_config(), seed=1), tmp_path / "m.safetensors")
+    b = Bundle.load(compile_checkpoint(ck, tmp_path / "m.dyc", groups=2, calib=1, calib_steps=2).path)
+    assert {required_ops_abi(b.graph_bytes(g, "cuda")) for g in b.groups} == {2}
+    assert {required_ops_abi(b.graph_bytes(g, "std")) for g in b.groups} == {1}
+    ortb.OnnxRuntimeBackend(b, variant="cuda", custom_ops=ops_lib)  # the built library loads them
+    monkeypatch.setattr(ortb, "ops_library_abi", lambda lib: 1)
+    with pytest.raises(DycError, match=r"older than m\.dyc's cuda graphs \(op library ABI 1, the graphs need 2"):
+        ortb.OnnxRuntimeBackend(b, variant="cuda", custom_ops=ops_lib)
+
+
+@pytest.mark.plugins_build
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_cuda_graphs_run_on_the_cpu(built_lib, tmp_path, dynamic):
     """The bundle's cuda graphs (dyc::SdtMlp with a shared mask, dyc::LnModulate, dyc::GatedResidual,

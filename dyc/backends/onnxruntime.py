@@ -109,6 +109,18 @@ def ops_library() -> Path | None:
     return next((p for p in cands if p.is_file()), None)
 
 
+def ops_library_abi(lib: str | os.PathLike) -> int:
+    """``dyc_ort_ops_abi()`` of a ``libdyc_ort_ops.so`` (1 for libraries from before the symbol)."""
+    import ctypes
+
+    try:
+        so = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise DycError(f"{lib}: cannot load the custom-op library ({e})") from None
+    fn = getattr(so, "dyc_ort_ops_abi", None)
+    return int(fn()) if fn is not None else 1
+
+
 def _bind_device_input(binding, name: str, index: int, onnx_type: int, shape: list[int], ptr: int) -> None:
     try:  # onnx element types (bf16 included) where this onnxruntime takes them, else numpy's
         binding.bind_input(name, "cuda", index, onnx_type, shape, ptr)
@@ -211,6 +223,14 @@ class OnnxRuntimeBackend(Backend):
 
         wbytes = bundle.manifest["files"][_WEIGHTS]["bytes"]
         graphs = [bundle.graph_bytes(g, variant) for g in bundle.groups]
+        if variant == "cuda":
+            from ..compiler.export_cuda import required_ops_abi
+
+            need, have = max(required_ops_abi(b) for b in graphs), ops_library_abi(lib)
+            if have < need:  # an older library would fail at run time, or ignore ones_column silently
+                raise DycError(f"{lib} is older than {bundle.path.name}'s cuda graphs (op library ABI {have}, the "
+                               f"graphs need {need}: dyc::TokenKeep, LnModulate's ones_column): rebuild it "
+                               "(cmake --build <build dir> --target dyc_ort_ops)")
         if variant == "cuda" and not cuda:  # ORT's CPU attention kernel takes Q, K, V apart: same maths
             import onnx
 

@@ -57,6 +57,13 @@ from .slice import engine_tensor, is_prefix
 MS_DOMAIN = "com.microsoft"
 
 
+def required_ops_abi(model: bytes) -> int:
+    """The ``libdyc_ort_ops.so`` ABI (its ``dyc_ort_ops_abi()``) a serialized graph needs: 2 where it
+    uses ``TokenKeep`` or LnModulate's ``ones_column`` (the op and attribute names appear verbatim in
+    the protobuf; the weights are external, so nothing else can hold them), else 1."""
+    return 2 if b"TokenKeep" in model or b"ones_column" in model else 1
+
+
 # qkv's GEMMs take their bias as one more weight row: LnModulate appends a ones column, padded
 # with zeros to a multiple of 8 (tensor-core alignment), so q, k, v leave their GEMMs ready for
 # flash attention, with no bias pass over them

@@ -9,6 +9,8 @@
 // conversions run on the device.
 #include <onnxruntime_cxx_api.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -52,6 +54,22 @@ class ScopedCublasWorkspace {
  private:
   bool set_;
 };
+
+// dyc_ort_ops_abi() of the custom-op library (1 for libraries from before the symbol), and what a
+// serialized cuda graph needs: 2 where it uses TokenKeep or LnModulate's ones_column (their names
+// appear verbatim in the protobuf; the weights are external) - as dyc/compiler/export_cuda.py.
+int ops_library_abi(const std::filesystem::path& lib) {
+  void* h = dlopen(lib.c_str(), RTLD_LAZY | RTLD_LOCAL);
+  if (!h) throw Error(lib.string() + ": cannot load the custom-op library (" + dlerror() + ")");
+  auto* fn = reinterpret_cast<int (*)()>(dlsym(h, "dyc_ort_ops_abi"));
+  const int abi = fn ? fn() : 1;
+  dlclose(h);
+  return abi;
+}
+
+int required_ops_abi(const std::string& model) {
+  return model.find("TokenKeep") != std::string::npos || model.find("ones_column") != std::string::npos ? 2 : 1;
+}
 
 #ifdef DYC_WITH_CUDA
 ONNXTensorElementDataType element_type(Dtype d) {
@@ -139,6 +157,7 @@ class OnnxRuntimeEngine final : public Engine {
                   "--dtype fp32 or fp16, or use another engine");
     }
     variant_ = variant;
+    const int ops_abi = variant == "cuda" ? ops_library_abi(opt.custom_op_library) : 0;
     Ort::SessionOptions so;
     try {
       so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
@@ -186,6 +205,11 @@ class OnnxRuntimeEngine final : public Engine {
     for (const Group& g : bundle.groups()) {
       const std::filesystem::path& path = variant == "cuda" ? g.onnx_cuda : variant == "trt" ? g.onnx_trt : g.onnx_std;
       std::string model = detail::read_checked(bundle, path.filename().string());
+      if (variant == "cuda" && required_ops_abi(model) > ops_abi) {  // else a run-time failure, or a silent one
+        throw Error(opt.custom_op_library.string() + " is older than " + bname + "'s cuda graphs (op library ABI " +
+                    std::to_string(ops_abi) + ", the graphs need " + std::to_string(required_ops_abi(model)) +
+                    ": dyc::TokenKeep, LnModulate's ones_column): rebuild it (target dyc_ort_ops)");
+      }
       Session s;
       if (opt.share_weights) model = detail::weights_as_inputs(model, kWeights, wbytes, s.weights, path.string());
       try {

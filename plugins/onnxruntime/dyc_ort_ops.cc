@@ -384,6 +384,11 @@ struct Op : Ort::CustomOpBase<Op<Kernel, T>, Kernel> {
 
 }  // namespace
 
+// What the ops take, for runtimes to check before they load graphs that need more (a library
+// without this symbol is 1): 1 = SdtMlp, LnModulate, GatedResidual; 2 = + TokenKeep and
+// LnModulate's ones_column (an older library would ignore the attribute and give a narrower output).
+extern "C" __attribute__((visibility("default"))) int dyc_ort_ops_abi() { return 2; }
+
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
