@@ -62,9 +62,7 @@ int ops_library_abi(const std::filesystem::path& lib) {
   void* h = dlopen(lib.c_str(), RTLD_LAZY | RTLD_LOCAL);
   if (!h) throw Error(lib.string() + ": cannot load the custom-op library (" + dlerror() + ")");
   auto* fn = reinterpret_cast<int (*)()>(dlsym(h, "dyc_ort_ops_abi"));
-  const int abi = fn ? fn() : 1;
-  dlclose(h);
-  return abi;
+  return fn ? fn() : 1;  // h stays open: ONNX Runtime loads the same library next (no unload/reload of its CUDA code)
 }
 
 int required_ops_abi(const std::string& model) {
