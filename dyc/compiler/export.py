@@ -221,8 +221,10 @@ def _mask_slice(g: _Graph, mask_input: str, layer: int, width: int) -> str:
 
 def sliced_tensor(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig,
                   sd: Mapping[str, torch.Tensor], layer: int, name: str, what: str, units: list[int],
-                  order: list[int], rows_per_unit: int | None) -> TensorProto:
-    """Initializer ``name``: layer ``layer``'s tensor ``what`` sliced to ``units`` in the engine layout.
+                  order: list[int], rows_per_unit: int | None,
+                  make: Callable[[list[int]], torch.Tensor] | None = None) -> TensorProto:
+    """Initializer ``name``: layer ``layer``'s tensor ``what`` sliced to ``units`` in the engine layout
+    (``make(units)`` builds it; default ``engine_tensor``).
 
     Stored once per distinct slice (the key): where ``units`` are a prefix of the layer's ``order`` and
     the slice is by rows (``rows_per_unit``), it is a prefix of the layer's one ordered copy, so engines
@@ -230,12 +232,12 @@ def sliced_tensor(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelC
     """
     if name in inits:
         return inits[name]
+    if make is None:
+        make = functools.partial(engine_tensor, cfg, sd, layer, what)
     prefix = bool(rows_per_unit) and is_prefix(units, order)
-    key = f"blocks.{layer}.{what}[{','.join(map(str, order if prefix else units))}]"
-    if prefix:
-        tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, what, order), len(units) * rows_per_unit)
-    else:
-        tp = store.ref(name, key, lambda: engine_tensor(cfg, sd, layer, what, units))
+    stored = order if prefix else units
+    key = f"blocks.{layer}.{what}[{','.join(map(str, stored))}]"
+    tp = store.ref(name, key, lambda: make(stored), len(units) * rows_per_unit if prefix else None)
     inits[name] = tp
     return tp
 

@@ -52,7 +52,7 @@ from .export import (
     sliced_tensor,
 )
 from .plan import GroupPlan
-from .slice import engine_tensor, is_prefix
+from .slice import engine_tensor
 
 MS_DOMAIN = "com.microsoft"
 
@@ -154,8 +154,10 @@ def build_cuda_graph(
 
         g.scope = pre + "attn"
         h = g.op("Reshape", [_ln_modulate(g, x, shift1, scale1, ONES_COLUMN), g.i64([-1, c_aug])])
-        qkv = [g.op("Reshape", [_gemm(g, h, _qkv_aug(store, inits, cfg, sd, l, heads, h_order, part)),
-                                g.i64([-1, n, hn * d])]) for part in range(3)]
+        qkv = []
+        for part, what in enumerate(("q_w_aug", "k_w_aug", "v_w_aug")):  # rows [hn, Dh]: prefixes shared
+            wq = sw(pre + what, what, heads, h_order, d, functools.partial(_qkv_aug, cfg, sd, l, part))
+            qkv.append(g.op("Reshape", [_gemm(g, h, wq), g.i64([-1, n, hn * d])]))
         o = g.op("MultiHeadAttention", qkv, domain=MS_DOMAIN, num_heads=hn, scale=1.0 / math.sqrt(d))
         proj_w = sw(pre + "attn.proj.weight", "proj_w", heads, h_order, None).name
         if group.vary_head[l]:  # row 0's mask on proj's columns: [1, hn] -> [1, hn·Dh]
@@ -208,26 +210,15 @@ def build_cuda_graph(
     return model
 
 
-def _qkv_aug(store: WeightStore, inits: dict[str, TensorProto], cfg: ModelConfig, sd: Mapping[str, torch.Tensor],
-             layer: int, heads: list[int], order: list[int], part: int) -> TensorProto:
+def _qkv_aug(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layer: int, part: int, heads: list[int]
+             ) -> torch.Tensor:
     """Layer ``layer``'s q (``part`` 0), k (1) or v (2) weight for ``heads``, [heads·Dh, C'], each row
     followed by its bias and zeros up to ``augmented_width(C)`` (the ones column of LnModulate's output
-    meets the bias). Stored once per layer in ``order`` where ``heads`` are its prefix (as ``sliced_tensor``)."""
-    name = f"blocks.{layer}.{'qkv'[part]}_w_aug"
-    if name in inits:
-        return inits[name]
+    meets the bias)."""
     c, d = cfg.hidden_size, cfg.head_dim
-
-    def make(units: list[int]) -> torch.Tensor:
-        w = engine_tensor(cfg, sd, layer, "qkv_w", units).view(len(units), 3, d, c)[:, part].reshape(-1, c)
-        b = engine_tensor(cfg, sd, layer, "qkv_b", units).view(len(units), 3, d)[:, part].reshape(-1, 1)
-        return torch.cat([w, b, w.new_zeros(w.shape[0], augmented_width(c) - c - 1)], dim=1)
-
-    prefix = is_prefix(heads, order)
-    units = order if prefix else heads
-    key = f"{name}[{','.join(map(str, units))}]"
-    inits[name] = store.ref(name, key, lambda: make(units), len(heads) * d if prefix else None)
-    return inits[name]
+    w = engine_tensor(cfg, sd, layer, "qkv_w", heads).view(len(heads), 3, d, c)[:, part].reshape(-1, c)
+    b = engine_tensor(cfg, sd, layer, "qkv_b", heads).view(len(heads), 3, d)[:, part].reshape(-1, 1)
+    return torch.cat([w, b, w.new_zeros(w.shape[0], augmented_width(c) - c - 1)], dim=1)
 
 
 def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -247,6 +247,15 @@ int launch_gr(const void* x, const void* gate, const void* y, const void* bias, 
   return cudaGetLastError() == cudaSuccess ? DYC_EW_OK : DYC_EW_LAUNCH_FAILED;
 }
 
+template <class T>
+int launch_tk(const void* h, const void* b1, const void* w2, const void* b2, void* keep, int64_t M, int H,
+              cudaStream_t stream) {
+  token_keep_kernel<T><<<static_cast<unsigned>((M + 7) / 8), 256, 0, stream>>>(  // 8 warps: 8 tokens per block
+      static_cast<const T*>(h), static_cast<const T*>(b1), static_cast<const T*>(w2), static_cast<const T*>(b2),
+      static_cast<T*>(keep), M, H);
+  return cudaGetLastError() == cudaSuccess ? DYC_EW_OK : DYC_EW_LAUNCH_FAILED;
+}
+
 }  // namespace
 
 extern "C" int dyc_ln_modulate(int dtype, const void* x, const void* shift, const void* scale, void* out, int64_t B,
@@ -276,18 +285,10 @@ extern "C" int dyc_gated_residual(int dtype, const void* x, const void* gate, co
 extern "C" int dyc_token_keep(int dtype, const void* h, const void* b1, const void* w2, const void* b2, void* keep,
                               int64_t M, int64_t H, cudaStream_t stream) {
   if (M <= 0 || H <= 0 || H > 65536 || M > 0x7fffffffLL) return DYC_EW_BAD_SHAPE;
-  const unsigned blocks = static_cast<unsigned>((M + 7) / 8);  // 8 warps of 32: 8 tokens per block
-#define DYC_TOKEN_KEEP(T)                                                                                   \
-  token_keep_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(h), static_cast<const T*>(b1),    \
-                                                   static_cast<const T*>(w2), static_cast<const T*>(b2),    \
-                                                   static_cast<T*>(keep), M, static_cast<int>(H));          \
-  break
   switch (dtype) {
-    case DYC_EW_FLOAT32: DYC_TOKEN_KEEP(float);
-    case DYC_EW_FLOAT16: DYC_TOKEN_KEEP(__half);
-    case DYC_EW_BFLOAT16: DYC_TOKEN_KEEP(__nv_bfloat16);
-    default: return DYC_EW_BAD_DTYPE;
+    case DYC_EW_FLOAT32: return launch_tk<float>(h, b1, w2, b2, keep, M, static_cast<int>(H), stream);
+    case DYC_EW_FLOAT16: return launch_tk<__half>(h, b1, w2, b2, keep, M, static_cast<int>(H), stream);
+    case DYC_EW_BFLOAT16: return launch_tk<__nv_bfloat16>(h, b1, w2, b2, keep, M, static_cast<int>(H), stream);
   }
-#undef DYC_TOKEN_KEEP
-  return cudaGetLastError() == cudaSuccess ? DYC_EW_OK : DYC_EW_LAUNCH_FAILED;
+  return DYC_EW_BAD_DTYPE;
 }
