@@ -26,7 +26,8 @@ fi
 python3 -c "from dyc.kernels import sdt_mlp as K; v = K.version(); print('plugin', v)
 if 'cutlass' not in v: print('WARNING: plugin built without the Hopper CUTLASS path: timings are not representative')" \
   2>&1 | tee "$OUT/plugin.txt"
-python3 -c "import click" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
+python3 -c "import click, safetensors" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+  --find-links .wheels-dyc click safetensors onnx protobuf ml_dtypes typing_extensions
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 dyc() { python3 -m dyc.cli "$@"; }
 BACKENDS=${BACKENDS:-eager,eager-dydit,torch,onnxruntime,tensorrt}

@@ -19,7 +19,8 @@ if [ -n "${DYC_PLUGIN_LIB:-}" ] && [ ! -f "$DYC_PLUGIN_LIB" ]; then
 fi
 python3 -c "from dyc.kernels import sdt_mlp as K; print('plugin', K.version() if K.available() else 'not built')" \
   2>&1 | tee -a "$LOG"
-python3 -c "import click" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
+python3 -c "import click, safetensors" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+  --find-links .wheels-dyc click safetensors onnx protobuf ml_dtypes typing_extensions
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 dyc() { python3 -m dyc.cli "$@"; }
 STEPS=${STEPS:-20}; REPEATS=${REPEATS:-2}; BATCH=${BATCH:-16}

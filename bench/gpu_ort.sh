@@ -30,7 +30,8 @@ dyc() { python3 -m dyc.cli "$@"; }
 step "0. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # dyc's own Python dependencies (click, onnx, safetensors, ...), as bench/gpu_dydit.sh brings them
-python3 -c "import click, onnx, safetensors" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-dyc/*.whl
+python3 -c "import click, onnx, safetensors" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+  --find-links .wheels-dyc click safetensors onnx protobuf ml_dtypes typing_extensions
 for f in "$DYC_PLUGIN_LIB" "$DYC_ORT_OPS_LIB"; do
   [ -f "$f" ] || { echo "FATAL: $f missing: carry build/sm90/lib (built on the dev machine)" >&2; exit 2; }
 done
