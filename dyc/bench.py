@@ -53,8 +53,10 @@ class Row:
     peak_activation_bytes: int | None = None
     engines: int | None = None  # compiled DyDiT: how many group engines (K) serve the schedule
     rel_l2_per_t: dict[int, float] = field(default_factory=dict)  # the check, at each t it looked at
-    # compiled DyDiT: which MLP form each (engine, batch) graph runs, picked by timing both at capture
-    # ("sdt": SdtMlp kernel on the kept tokens; "dense": cuBLAS on every token), and those timings (ms)
+    # compiled DyDiT: which MLP form each (engine, batch) graph runs, picked by timing them at capture
+    # ("sdt": SdtMlp kernel on the kept tokens; "dense": cuBLAS on every token; "dense-fold": dense with
+    # the router finished in the LayerNorm kernel; "hybrid": dense where most tokens are kept), and
+    # those timings (ms)
     mlp_forms: dict[str, int] = field(default_factory=dict)
     mlp_form_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ def _layout_for(hm: np.ndarray, cm: np.ndarray) -> tuple[GroupLayout, np.ndarray
     return GroupLayout(heads, chans, vary_h, vary_c), hslot, cslot
 
 
-@pytest.mark.parametrize("mlp_mode", ["dense", "sdt"])
+@pytest.mark.parametrize("mlp_mode", ["dense", "sdt", "dense-fold"])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_sliced_union_matches_eager_at_every_member_t(dynamic, mlp_mode):
     cfg = tiny_config(depth=3, dynamic=dynamic)
@@ -157,7 +157,7 @@ def test_hybrid_mlp_form_runs_dense_only_above_the_keep_threshold():
     hs, cs = (torch.from_numpy(m[1:2]).expand(3, -1, -1) for m in (hslot, cslot))
     with torch.no_grad():
         want = model(x, rows_t, y)
-        for mode in ("hybrid", "sdt", "dense"):
+        for mode in ("hybrid", "sdt", "dense", "dense-fold"):
             torch.testing.assert_close(sliced(x, rows_t, y, head_mask=hs, channel_mask=cs, mlp_mode=mode), want,
                                        rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="mlp_mode"):
@@ -200,7 +200,8 @@ def test_graph_runner_forms_replay_what_the_module_computes():
              "head_mask": torch.from_numpy(hslot[1:2]).expand(4, -1, -1).cuda().half(),
              "channel_mask": torch.from_numpy(cslot[1:2]).expand(4, -1, -1).cuda().half()}
     outs = {}
-    for mode in ("dense", "sdt", "hybrid"):
+    assert "dense-fold" in mod.mlp_modes()  # the Triton LayerNorm kernel finishes the router on CUDA
+    for mode in ("dense", "sdt", "hybrid", "dense-fold"):
         os.environ["DYC_MLP_MODE"] = mode
         try:
             runner = GraphRunner([mod])
@@ -213,5 +214,5 @@ def test_graph_runner_forms_replay_what_the_module_computes():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(got2, got, rtol=0, atol=0)  # replays are deterministic
         outs[mode] = want.float()
-    for mode in ("sdt", "hybrid"):
+    for mode in ("sdt", "hybrid", "dense-fold"):
         assert ((outs[mode] - outs["dense"]).norm() / outs["dense"].norm()).item() < 1e-2

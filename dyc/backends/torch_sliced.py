@@ -20,7 +20,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import DycError
+from ..kernels import ln_modulate as ln_kernels
 from ..kernels import token_router
+from ..kernels.ln_modulate import RouterHidden, router_keep_from_hidden
 from ..model import modulate, timestep_embedding
 from .base import Backend
 
@@ -51,12 +53,15 @@ def gate_residual(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch
     return h + gate.unsqueeze(1) * y
 
 
-def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | None,
+def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | RouterHidden | None,
                     shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's deferred gated residual ``h + gate·y (·keep)``, then LN+modulate of the result.
 
+    ``keep`` may be the token router's hidden layer (``RouterHidden``), whose last steps then run here.
     Returns (new h, normalised); the CUDA kernel (dyc.kernels.ln_modulate) updates h in place.
     """
+    if isinstance(keep, RouterHidden):
+        keep = router_keep_from_hidden(keep)
     upd = gate.unsqueeze(1) * y
     if keep is not None:
         upd = upd * keep.unsqueeze(-1)
@@ -84,6 +89,9 @@ def _fused(fn: Callable) -> Callable:
     if fn.__name__ not in _FUSED:
         _FUSED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _FUSED[fn.__name__]
+
+
+MLP_MODES = ("sdt", "dense", "dense-fold", "hybrid")
 
 
 def _fast_ln_modulate() -> tuple[Callable, Callable]:
@@ -280,6 +288,11 @@ class SlicedDiT(nn.Module):
         # depends on the rows per call (few rows: dense), so GraphRunner times both at capture.
         # "hybrid" runs dense the layers whose expected keep rate (``keep_rates``, from the bundle's
         # calibration) is at least HYBRID_KEEP, where gathering saves too few rows to pay for itself.
+        # "dense-fold" is the dense form with the router folded: its first layer one cuBLAS GEMM (bias
+        # epilogue) in stream order, its ReLU / second layer / gate inside the LayerNorm kernel that
+        # applies the deferred residual add (dyc.kernels.ln_modulate.RouterHidden): one kernel less per
+        # layer than the router kernel, and no side stream (cuBLAS's persistent GEMMs leave it no SMs).
+        self.fold_router = bool(fuse and cfg.dynamic and dev.type == "cuda" and ln_kernels.available())
         self.mlp_mode = "sdt" if self.kernel is not None else "dense"
         self.keep_rates: list[float] | None = None
         self._side: torch.cuda.Stream | None = None  # the dense form's router stream (CUDA)
@@ -288,13 +301,14 @@ class SlicedDiT(nn.Module):
 
     def mlp_modes(self) -> tuple[str, ...]:
         """The MLP forms worth timing for this engine (a plain DiT, or no kernel: only dense)."""
+        fold = ("dense-fold",) if self.fold_router else ()
         if not (self.cfg.dynamic and self.kernel is not None):
-            return ("dense",)
+            return ("dense", *fold)
         dense = self._dense_layers("hybrid")
-        return ("sdt", "dense", "hybrid") if 0 < len(dense) < self.cfg.depth else ("sdt", "dense")
+        return ("sdt", "dense", *fold, "hybrid") if 0 < len(dense) < self.cfg.depth else ("sdt", "dense", *fold)
 
     def _dense_layers(self, mode: str) -> frozenset[int]:
-        if mode == "dense" or not self.cfg.dynamic:
+        if mode in ("dense", "dense-fold") or not self.cfg.dynamic:
             return frozenset(range(self.cfg.depth))
         if mode == "hybrid" and self.keep_rates is not None:
             return frozenset(l for l, k in enumerate(self.keep_rates) if k >= self.HYBRID_KEEP)
@@ -337,8 +351,10 @@ class SlicedDiT(nn.Module):
                 mlp_mode: str | None = None) -> torch.Tensor:
         cfg, lay = self.cfg, self.layout
         mode = mlp_mode or self.mlp_mode
-        if mode not in ("sdt", "dense", "hybrid"):
-            raise ValueError(f"mlp_mode must be 'sdt', 'dense' or 'hybrid', got {mode!r}")
+        if mode not in MLP_MODES:
+            raise ValueError(f"mlp_mode must be one of {', '.join(MLP_MODES)}, got {mode!r}")
+        if mode == "dense-fold" and not self.cfg.dynamic:
+            mode = "dense"  # a plain DiT has no router to fold
         dense_layers = self._dense_layers(mode)
         b = x.shape[0]
         dt = self.patch_w.dtype
@@ -388,7 +404,9 @@ class SlicedDiT(nn.Module):
             # dense: every token through the (sliced) MLP; SDT's mask scales the deferred residual add
             h, m = self.add_ln_mod(h, o, g1, None, sh2, sc2)
             keep, join = None, None
-            if cfg.dynamic:
+            if cfg.dynamic and mode == "dense-fold":
+                keep = RouterHidden(F.linear(h, layer["tok0_w"], layer["tok0_b"]), layer["tok2_w"], layer["tok2_b"])
+            elif cfg.dynamic:
                 keep, join = self._keep_beside(h, layer)
             u = linear_gelu(m, layer["fc1_w"], layer["fc1_b"])
             fc2_w = layer["fc2_w"]
@@ -434,7 +452,7 @@ class GraphRunner:
 
     The first call of a (group, batch) warms up and captures; where the engine has several MLP
     forms (``SlicedDiT.mlp_modes``) it captures each, times their replays on that call's inputs and
-    keeps the fastest (``modes`` records the choice; ``$DYC_MLP_MODE`` = sdt|dense forces one).
+    keeps the fastest (``modes`` records the choice; ``$DYC_MLP_MODE`` = one of ``MLP_MODES`` forces it).
     Later calls copy the inputs into the graph's static buffers, replay, and clone the output out
     of the pool (the next group's replay reuses that memory). Every graph draws on one pool and
     warms up on one side stream: groups run one after another, and cuBLAS keeps a workspace per

@@ -17,10 +17,29 @@ the H100's memory rate (bench/RESULTS.md). Needs Triton (it comes with CUDA buil
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["add_ln_modulate", "available", "ln_modulate"]
+__all__ = ["RouterHidden", "add_ln_modulate", "available", "ln_modulate", "router_keep_from_hidden"]
+
+
+@dataclass(frozen=True)
+class RouterHidden:
+    """The SDT token router's hidden layer ``relu``'s input, ``h · w0ᵀ + b0`` [B, N, R] in h's dtype
+    (one cuBLAS GEMM with its bias epilogue), with the second layer ``w2`` [1, R], ``b2`` [1]:
+    ``add_ln_modulate`` finishes the router (ReLU, second layer, gate) on the rows it updates,
+    instead of a router kernel of its own."""
+
+    hidden: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+def router_keep_from_hidden(r: RouterHidden) -> torch.Tensor:
+    """The 0/1 keep [B, N] the kernel computes from ``r``, in PyTorch (the eager router's last steps)."""
+    logit = torch.nn.functional.linear(torch.relu(r.hidden), r.w2, r.b2).squeeze(-1)
+    return (torch.sigmoid(logit) > 0.5).to(r.hidden.dtype)
 
 
 @functools.cache
@@ -91,11 +110,11 @@ def _add_kernel():
     configs = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16))]
 
     # h is updated in place: the autotuner's trial runs must each start from the same h
-    @triton.autotune(configs=configs, key=["rows", "C", "HAS_KEEP"], restore_value=["h_ptr"])
+    @triton.autotune(configs=configs, key=["rows", "C", "HAS_KEEP", "R"], restore_value=["h_ptr"])
     @triton.jit
-    def add_ln_modulate_kernel(h_ptr, y_ptr, gate_ptr, keep_ptr, shift_ptr, scale_ptr, out_ptr, rows, tokens, C,
-                               mod_stride, gate_stride, y_stride, eps, HAS_KEEP: tl.constexpr,
-                               BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    def add_ln_modulate_kernel(h_ptr, y_ptr, gate_ptr, keep_ptr, shift_ptr, scale_ptr, out_ptr, w2_ptr, b2_ptr,
+                               rows, tokens, C, R, mod_stride, gate_stride, y_stride, eps, HAS_KEEP: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr):
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK_C)
         rmask = r < rows
@@ -107,7 +126,18 @@ def _add_kernel():
         g = tl.load(gate_ptr + img * gate_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
         upd = g * y
         if HAS_KEEP:
-            upd = upd * tl.load(keep_ptr + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            if BLOCK_R > 0:  # keep_ptr holds the token router's hidden layer [rows, R]: finish the router here
+                j = tl.arange(0, BLOCK_R)
+                jm = j < R
+                z = tl.load(keep_ptr + r[:, None].to(tl.int64) * R + j[None, :], mask=rmask[:, None] & jm[None, :],
+                            other=0.0).to(tl.float32)
+                w2 = tl.load(w2_ptr + j, mask=jm, other=0.0).to(tl.float32)
+                logit = tl.sum(tl.maximum(z, 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr).to(tl.float32)
+                dt = h_ptr.dtype.element_ty  # rounded as the unfused path in h's dtype (token_router's _gate)
+                sg = (1.0 / (1.0 + tl.exp(-logit.to(dt).to(tl.float32)))).to(dt).to(tl.float32)
+                upd = upd * tl.where(sg > 0.5, 1.0, 0.0)[:, None]
+            else:
+                upd = upd * tl.load(keep_ptr + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
         hn = (h + upd).to(h_ptr.dtype.element_ty)  # the residual stream is stored in its dtype
         tl.store(h_ptr + offs, hn, mask=m)
         x = tl.where(m, hn.to(tl.float32), 0.0)
@@ -122,12 +152,13 @@ def _add_kernel():
     return add_ln_modulate_kernel
 
 
-def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | None,
+def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor | RouterHidden | None,
                     shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``h += gate * y (* keep)`` in place, then ``ln_modulate(h, shift, scale)``; returns (h, normalised).
 
     h [B, N, C] contiguous; y [B, N, C] (rows may be strided, e.g. a GEMM's output view); gate,
-    shift, scale [B, C] (rows may be strided views); keep [B, N] 0/1 or None.
+    shift, scale [B, C] (rows may be strided views); keep [B, N] 0/1, a ``RouterHidden`` (the
+    kernel then computes the 0/1 keep from it) or None.
     """
     import triton
 
@@ -143,7 +174,18 @@ def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: 
         gate = gate.contiguous()
     if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
         shift, scale = shift.contiguous(), scale.contiguous()
-    if keep is not None:
+    w2 = b2 = h
+    r = 0
+    if isinstance(keep, RouterHidden):
+        r = keep.hidden.shape[-1]
+        if keep.hidden.shape != (b, n, r) or keep.w2.shape != (1, r) or keep.b2.numel() != 1:
+            raise ValueError(f"add_ln_modulate: router hidden {tuple(keep.hidden.shape)}, w2 {tuple(keep.w2.shape)}, "
+                             f"b2 {tuple(keep.b2.shape)} for h {tuple(h.shape)}")
+        if any(t.dtype != h.dtype for t in (keep.hidden, keep.w2, keep.b2)):
+            raise TypeError("add_ln_modulate: the router's tensors must have h's dtype")
+        w2, b2 = keep.w2.contiguous(), keep.b2.contiguous()
+        keep = keep.hidden.contiguous()
+    elif keep is not None:
         if keep.shape != (b, n):
             raise ValueError(f"add_ln_modulate: keep must be {(b, n)}, got {tuple(keep.shape)}")
         keep = keep.contiguous()
@@ -152,7 +194,7 @@ def add_ln_modulate(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, keep: 
     def grid(meta):
         return (triton.cdiv(b * n, meta["ROWS"]),)
 
-    _add_kernel()[grid](h, y, gate, keep if keep is not None else h, shift, scale, out, b * n, n, c, shift.stride(0),
-                        gate.stride(0), y.stride(1), eps, HAS_KEEP=keep is not None,
-                        BLOCK_C=triton.next_power_of_2(c))
+    _add_kernel()[grid](h, y, gate, keep if keep is not None else h, shift, scale, out, w2, b2, b * n, n, c, r,
+                        shift.stride(0), gate.stride(0), y.stride(1), eps, HAS_KEEP=keep is not None,
+                        BLOCK_C=triton.next_power_of_2(c), BLOCK_R=triton.next_power_of_2(r) if r else 0)
     return h, out
