@@ -1,8 +1,9 @@
 """What the SDT token router costs a compiled DyDiT step at small batches (GPU, attribution only).
 
-Replays CUDA graphs of a few torch-backend engines (dense MLP form, as `dyc bench` picks at batch
-1-4) in three variants, side by side with the static DiT, on the inputs the sampler gives:
-  side    the backend as shipped: the router on a side stream beside fc1/fc2
+Replays CUDA graphs of a few torch-backend engines (every token through the MLP, the forms `dyc bench`
+picks at batch 1-4) in four variants, side by side with the static DiT, on the inputs the sampler
+gives, at the schedule's first, middle and last timestep:
+  side    the "dense" MLP form: the router kernel on a side stream beside fc1/fc2
   inline  the router on the main stream, before fc1
   fold    the router's first layer one cuBLAS GEMM, the rest inside the next LayerNorm kernel
           (the "dense-fold" MLP form)
