@@ -18,12 +18,13 @@ result against cuBLAS before timing it).
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dyc.kernels.token_router import available, checked_keep_out  # available: CUDA with Triton, or its interpreter
 
 __all__ = ["Config", "available", "choices", "linear", "router_keep"]
 
@@ -42,27 +43,6 @@ class Config:
     splits: int
     warps: int = 4
     stages: int = 4
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def available(device: torch.device | str = "cuda") -> bool:
-    """True when the Triton kernel can run on ``device`` (CUDA with Triton, or the interpreter on CPU)."""
-    dev = torch.device(device)
-    if not _have_triton():
-        return False
-    return (dev.type == "cuda" and torch.cuda.is_available()) or (dev.type == "cpu" and _interpret())
 
 
 _counters: dict[tuple, torch.Tensor] = {}
@@ -231,25 +211,13 @@ def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.T
                 out: torch.Tensor | None = None, *, config: Config | None = None) -> torch.Tensor:
     """dyc.kernels.token_router.router_keep with its GEMM split over K: h [B, N, C] (fp16/bf16);
     w0 [R, C]; b0 [R]; w2 [1, R]; b2 [1]. Returns keep [B, N] (0/1, h's dtype), into ``out`` where given."""
-    bsz, ntok, c = h.shape
+    c = h.shape[-1]
     r = w0.shape[0]
-    if h.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"router_keep: fp16/bf16 only, got {h.dtype}")
-    if w0.shape != (r, c) or b0.shape != (r,) or w2.shape != (1, r) or b2.numel() != 1:
-        raise ValueError(f"router_keep: shapes h {tuple(h.shape)}, w0 {tuple(w0.shape)}, b0 {tuple(b0.shape)}, "
-                         f"w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
-    if any(t.dtype != h.dtype for t in (w0, b0, w2, b2)):
-        raise TypeError("router_keep: every tensor must have h's dtype")
+    keep = checked_keep_out(h, w0, b0, w2, b2, out)
     h2 = h.reshape(-1, c)
     if h2.stride(1) != 1:
         h2 = h2.contiguous()
     w0, b0, w2, b2 = (t.contiguous() for t in (w0, b0, w2, b2))
-    if out is None:
-        keep = torch.empty(bsz, ntok, dtype=h.dtype, device=h.device)
-    elif out.shape != (bsz, ntok) or out.dtype != h.dtype or out.device != h.device or not out.is_contiguous():
-        raise ValueError(f"router_keep: out must be a contiguous {(bsz, ntok)} tensor of {h.dtype} on {h.device}")
-    else:
-        keep = out
     m = h2.shape[0]
 
     def run(cfg: Config) -> torch.Tensor:

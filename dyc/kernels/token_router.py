@@ -50,12 +50,9 @@ def _kernel(autotune: bool):
     return k.kernel(autotune)
 
 
-def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """h [B, N, C] (fp16/bf16); w0 [R, C]; b0 [R]; w2 [1, R]; b2 [1]. Returns keep [B, N] (0/1, h's dtype),
-    written into ``out`` where given (a contiguous [B, N] tensor of h's dtype)."""
-    import triton
-
+def checked_keep_out(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     out: torch.Tensor | None) -> torch.Tensor:
+    """Checks a router call's operands (clear errors) and returns the keep tensor to write: ``out``, or new."""
     b, n, c = h.shape
     r = w0.shape[0]
     if h.dtype not in (torch.float16, torch.bfloat16):
@@ -65,13 +62,23 @@ def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.T
                          f"w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
     if any(t.dtype != h.dtype for t in (w0, b0, w2, b2)):
         raise TypeError("router_keep: every tensor must have h's dtype")
-    h, w0, b0, w2, b2 = (t.contiguous() for t in (h, w0, b0, w2, b2))
     if out is None:
-        keep = torch.empty(b, n, dtype=h.dtype, device=h.device)
-    elif out.shape != (b, n) or out.dtype != h.dtype or out.device != h.device or not out.is_contiguous():
+        return torch.empty(b, n, dtype=h.dtype, device=h.device)
+    if out.shape != (b, n) or out.dtype != h.dtype or out.device != h.device or not out.is_contiguous():
         raise ValueError(f"router_keep: out must be a contiguous {(b, n)} tensor of {h.dtype} on {h.device}")
-    else:
-        keep = out
+    return out
+
+
+def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [B, N, C] (fp16/bf16); w0 [R, C]; b0 [R]; w2 [1, R]; b2 [1]. Returns keep [B, N] (0/1, h's dtype),
+    written into ``out`` where given (a contiguous [B, N] tensor of h's dtype)."""
+    import triton
+
+    b, n, c = h.shape
+    r = w0.shape[0]
+    keep = checked_keep_out(h, w0, b0, w2, b2, out)
+    h, w0, b0, w2, b2 = (t.contiguous() for t in (h, w0, b0, w2, b2))
 
     def grid(meta):
         return (triton.cdiv(b * n, meta["BM"]),)
