@@ -10,8 +10,11 @@ kernel where the unfused form launches two and reads h twice. A DiT block ends w
 and the next block (or the final layer) starts with such a LayerNorm, so the torch backend defers
 every residual add into the LayerNorm that follows it. Inductor's fusion of the same expression
 splits the 1152-wide row into a looped reduction that reads it twice and ran at about a third of
-the H100's memory rate (bench/RESULTS.md). Needs Triton (it comes with CUDA builds of PyTorch);
-``available()`` says whether it can run here.
+the H100's memory rate (bench/RESULTS.md). ``keep`` may also be the SDT token router's hidden
+layer (``RouterHidden``): the kernel then finishes the router for each row it updates (the torch
+backend's ``dense-fold`` MLP form), one kernel less per layer than a router kernel of its own.
+Needs Triton (it comes with CUDA builds of PyTorch); ``available()`` says whether it can run on a
+GPU here. Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors, untuned.
 """
 
 from __future__ import annotations
