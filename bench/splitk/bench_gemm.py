@@ -57,13 +57,13 @@ def main() -> None:
                 w = torch.randn(n, k, device=dev, dtype=dt, generator=g) / k ** 0.5
                 b = torch.randn(n, device=dev, dtype=dt, generator=g)
                 ref = (torch._addmm_activation(b, x, w.t(), use_gelu=True) if gelu else F.linear(x, w, b))
-                t_cublas = G._time_ms(lambda: (torch._addmm_activation(b, x, w.t(), use_gelu=True) if gelu  # noqa: B023
+                t_cublas = G.time_ms(lambda: (torch._addmm_activation(b, x, w.t(), use_gelu=True) if gelu  # noqa: B023
                                                else F.linear(x, w, b)))  # noqa: B023
                 best, errs = None, []
                 for cfg in G.candidates(m, n, k, "gelu" if gelu else "bias", sms):
-                    y = G.linear(x, w, b, gelu=gelu, config=cfg)
+                    y = G.linear(x, w, b, cfg, gelu=gelu)
                     errs.append(rel(y, ref))
-                    t = G._time_ms(lambda cfg=cfg: G.linear(x, w, b, gelu=gelu, config=cfg))  # noqa: B023
+                    t = G.time_ms(lambda cfg=cfg: G.linear(x, w, b, cfg, gelu=gelu))  # noqa: B023
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 if max(errs) > 1e-2:
@@ -82,12 +82,12 @@ def main() -> None:
         w2 = torch.randn(1, 72, device=dev, dtype=dt, generator=g) / 8
         b2 = torch.randn(1, device=dev, dtype=dt, generator=g) * 0.1
         ref = TR.router_keep(h, w0, b0, w2, b2)
-        t_old = G._time_ms(lambda: TR.router_keep(h, w0, b0, w2, b2))  # noqa: B023
+        t_old = G.time_ms(lambda: TR.router_keep(h, w0, b0, w2, b2))  # noqa: B023
         best, mism = None, 0
         for cfg in G.candidates(m, 72, 1152, "router", sms):
-            keep = G.router_keep(h, w0, b0, w2, b2, config=cfg)
+            keep = G.router_keep(h, w0, b0, w2, b2, cfg)
             mism = max(mism, int((keep != ref).sum()))
-            t = G._time_ms(lambda cfg=cfg: G.router_keep(h, w0, b0, w2, b2, config=cfg))  # noqa: B023
+            t = G.time_ms(lambda cfg=cfg: G.router_keep(h, w0, b0, w2, b2, cfg))  # noqa: B023
             if best is None or t < best[0]:
                 best = (t, cfg)
         if mism > m // 200:  # only tokens within rounding of the gate's threshold may differ

@@ -7,31 +7,28 @@ H200 inside CUDA graphs (bench/RESULTS.md, "Split-K GEMMs"): no. cuBLAS took 4.7
 512 rows; the fastest split-K candidate won 1 of 36 shapes (by 2 %), and the split candidates never
 beat the unsplit ones. The torch backend therefore stays on cuBLAS.
 
-``linear`` times cuBLAS and a few tile/slice configurations the first time it sees a shape
-(outside CUDA graph capture) and keeps the fastest. The slices' fp32 partial tiles go to a
+``linear`` / ``router_keep`` run one given configuration (``candidates`` lists those worth
+timing; bench_gemm.py times each against cuBLAS). The slices' fp32 partial tiles go to a
 workspace; the CTA that finishes a tile's last slice (a per-tile counter, which it resets) adds
 them in slice order, so results do not depend on scheduling. ``router_keep`` is DyDiT's SDT token
 router (dyc.kernels.token_router's maths) on the same kernel. Checked on the H200 against float64
-references for every candidate (tests removed with the integration; bench_gemm.py checks every
-result against cuBLAS before timing it).
+for every candidate, in and out of CUDA graphs, while it was wired into the backend; bench_gemm.py
+checks every result against cuBLAS before timing it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dyc.kernels.token_router import available, checked_keep_out  # available: CUDA with Triton, or its interpreter
 
-__all__ = ["Config", "available", "choices", "linear", "router_keep"]
+__all__ = ["Config", "available", "candidates", "linear", "router_keep", "time_ms"]
 
 _EPI = {"bias": 0, "gelu": 1, "router": 2}
 _MAX_TILES = 4096  # counters per lane; a split GEMM with more output tiles than this is not split
 _BK = 64
-_MAX_ROWS = 4096  # above this many rows cuBLAS's tiles fill the GPU: no candidates are timed
 
 
 @dataclass(frozen=True)
@@ -46,12 +43,6 @@ class Config:
 
 
 _counters: dict[tuple, torch.Tensor] = {}
-_choices: dict[tuple, Config | None] = {}  # None: cuBLAS
-
-
-def choices() -> dict[tuple, Config | None]:
-    """The configuration picked for each shape seen so far (key: lane, dtype, M, N, K, ...; None = cuBLAS)."""
-    return dict(_choices)
 
 
 def _counter(device: torch.device, lane: str) -> torch.Tensor:
@@ -107,125 +98,50 @@ def candidates(m: int, n: int, k: int, epi: str, sms: int) -> list[Config]:
     return out
 
 
-def _time_ms(fn, calls: int = 10, reps: int = 5) -> float:
-    """GPU milliseconds of one ``fn()``: ``calls`` of it captured in a CUDA graph, replayed ``reps``
-    times (median). A graph, because the backend replays these GEMMs from graphs, and timed launches
-    would measure Python: a Triton launch costs more host time than a small GEMM takes on the GPU."""
+def time_ms(fn, calls: int = 10) -> float:
+    """GPU milliseconds of one ``fn()``: ``calls`` of it captured in a CUDA graph, its replays timed as
+    the torch backend times its forms (``GraphRunner._replay_ms``). A graph, because the backend
+    replays GEMMs from graphs, and timed launches would measure Python: a Triton launch costs more
+    host time than a small GEMM takes on the GPU."""
+    from dyc.backends.torch_sliced import GraphRunner
+
     fn()  # compiles, allocates the lane's counters: neither may happen inside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return sorted(times)[reps // 2]
+    return GraphRunner._replay_ms(graph) / calls
 
 
-def _pick(key: tuple, x: torch.Tensor, run_cublas, run_triton, cands: list[Config],
-          allow_cublas: bool) -> Config | None:
-    """Time every candidate on these operands (not while capturing a CUDA graph) and keep the fastest."""
-    if key in _choices:
-        return _choices[key]
-    if x.device.type != "cuda":
-        return cands[0] if cands else None
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"dyc.kernels.gemm: shape {key} first seen inside CUDA graph capture; "
-                           "run it once before capturing")
-    torch.cuda.synchronize(x.device)
-    timed: list[tuple[float, Config | None]] = []
-    if allow_cublas:
-        timed.append((_time_ms(run_cublas), None))
-    for cfg in cands:
-        timed.append((_time_ms(lambda cfg=cfg: run_triton(cfg)), cfg))
-    best = min(timed, key=lambda tc: tc[0])[1]
-    _choices[key] = best
-    return best
-
-
-def _mode() -> str:
-    mode = os.environ.get("DYC_SPLITK_GEMM", "auto")
-    if mode not in ("auto", "cublas", "triton"):
-        raise ValueError(f"$DYC_SPLITK_GEMM must be auto, cublas or triton, got {mode!r}")
-    return mode
-
-
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, gelu: bool = False,
-           config: Config | None = None) -> torch.Tensor:
-    """``x · wᵀ + b`` (then GELU, tanh form, where ``gelu``) over x's last dim, fp16/bf16.
-
-    w [N, K] may be a row-strided view (a column slice of a wider weight); x's rows may be strided.
-    ``config`` forces one Triton launch (tests); otherwise the shape's fastest of cuBLAS and the
-    split-K candidates, timed at its first call.
-    """
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: Config, *,
+           gelu: bool = False) -> torch.Tensor:
+    """``x · wᵀ + b`` (then GELU, tanh form, where ``gelu``) over x's last dim, fp16/bf16, as one launch
+    of ``cfg``. w [N, K] may be a row-strided view (a column slice of a wider weight); x's rows may be
+    strided."""
     lead, kdim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, kdim)
     n = w.shape[0]
     if w.shape[1] != kdim or (b is not None and b.shape != (n,)):
         raise ValueError(f"gemm.linear: x [..., {kdim}], w {tuple(w.shape)}, b {None if b is None else tuple(b.shape)}")
-
-    def run_cublas() -> torch.Tensor:
-        if gelu:
-            if x2.is_cuda and b is not None:  # one cuBLASLt GEMM with GELU (tanh) in its epilogue
-                return torch._addmm_activation(b, x2, w.t(), use_gelu=True)
-            return F.gelu(F.linear(x2, w, b), approximate="tanh")
-        return F.linear(x2, w, b)
-
-    mode = _mode() if config is None else "triton"
-    usable = (x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype and available(x.device)
-              and x2.stride(1) == 1 and w.stride(1) == 1 and (b is None or b.is_contiguous()))
-    if config is not None and not usable:
-        raise ValueError("gemm.linear: a Triton config needs fp16/bf16 operands of one dtype with unit inner "
-                         "strides, on CUDA (or the CPU under TRITON_INTERPRET=1)")
-    m = x2.shape[0]
-    if mode == "cublas" or not usable or (config is None and mode == "auto" and m > _MAX_ROWS):
-        return run_cublas().view(*lead, n)
-    epi = "gelu" if gelu else "bias"
-
-    def run_triton(cfg: Config) -> torch.Tensor:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        _launch(x2, w, b, y, cfg, epi)
-        return y
-
-    if config is None:
-        key = ("linear", x.device, x.dtype, m, n, kdim, x2.stride(0), w.stride(0), b is not None, gelu)
-        config = _pick(key, x, run_cublas, run_triton, candidates(m, n, kdim, epi, _sms(x.device)),
-                       allow_cublas=mode == "auto")
-    out = run_cublas() if config is None else run_triton(config)
-    return out.view(*lead, n)
+    if not (x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype and available(x.device)
+            and x2.stride(1) == 1 and w.stride(1) == 1 and (b is None or b.is_contiguous())):
+        raise ValueError("gemm.linear: needs fp16/bf16 operands of one dtype with unit inner strides, on CUDA "
+                         "(or the CPU under TRITON_INTERPRET=1)")
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    _launch(x2, w, b, y, cfg, "gelu" if gelu else "bias")
+    return y.view(*lead, n)
 
 
 def router_keep(h: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                out: torch.Tensor | None = None, *, config: Config | None = None) -> torch.Tensor:
+                cfg: Config, out: torch.Tensor | None = None) -> torch.Tensor:
     """dyc.kernels.token_router.router_keep with its GEMM split over K: h [B, N, C] (fp16/bf16);
     w0 [R, C]; b0 [R]; w2 [1, R]; b2 [1]. Returns keep [B, N] (0/1, h's dtype), into ``out`` where given."""
     c = h.shape[-1]
-    r = w0.shape[0]
     keep = checked_keep_out(h, w0, b0, w2, b2, out)
     h2 = h.reshape(-1, c)
     if h2.stride(1) != 1:
         h2 = h2.contiguous()
     w0, b0, w2, b2 = (t.contiguous() for t in (w0, b0, w2, b2))
-    m = h2.shape[0]
-
-    def run(cfg: Config) -> torch.Tensor:
-        _launch(h2, w0, b0, keep.view(-1), cfg, "router", w2, b2)
-        return keep
-
-    if config is None:
-        key = ("router", h.device, h.dtype, m, r, c, h2.stride(0))
-        config = _pick(key, h, None, run, candidates(m, r, c, "router", _sms(h.device)), allow_cublas=False)
-    run(config)
+    _launch(h2, w0, b0, keep.view(-1), cfg, "router", w2, b2)
     return keep

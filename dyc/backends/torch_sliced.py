@@ -328,8 +328,7 @@ class SlicedDiT(nn.Module):
         router = (layer["tok0_w"], layer["tok0_b"], layer["tok2_w"], layer["tok2_b"])
         if self.router is not None:
             return self.router(h, *router)
-        logit = F.linear(F.relu(F.linear(h, router[0], router[1])), router[2], router[3]).squeeze(-1)
-        return (torch.sigmoid(logit) > 0.5).to(h.dtype)
+        return router_keep_from_hidden(RouterHidden(F.linear(h, router[0], router[1]), router[2], router[3]))
 
     def _keep_beside(self, h: torch.Tensor, layer: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Callable | None]:
         """The token mask for a dense MLP, which needs it only at the deferred residual add: on CUDA
@@ -353,8 +352,6 @@ class SlicedDiT(nn.Module):
         mode = mlp_mode or self.mlp_mode
         if mode not in MLP_MODES:
             raise ValueError(f"mlp_mode must be one of {', '.join(MLP_MODES)}, got {mode!r}")
-        if mode == "dense-fold" and not self.cfg.dynamic:
-            mode = "dense"  # a plain DiT has no router to fold
         dense_layers = self._dense_layers(mode)
         b = x.shape[0]
         dt = self.patch_w.dtype
