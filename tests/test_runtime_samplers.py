@@ -70,6 +70,31 @@ def test_ddpm_learned_variance_matches_reference(setup, scale):
     assert (fixed - ref).abs().max().item() > 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks that a step never blocks the host")
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm-solver++"])
+def test_sampler_steps_on_cuda_match_the_cpu_chain_without_blocking(setup, name):
+    """On CUDA a step must not wait for the GPU (the pipeline relies on it to prepare the next step while
+    the GPU computes this one): torch's sync debug mode turns any blocking copy or sync into an error.
+    The chain must still be the CPU chain, which the tests above check against the reference loops."""
+    import copy
+
+    cfg, model, noise, y = setup
+    want = run_runtime_sampler(model, cfg, name, 13, noise, y, 4.0)
+    gpu = copy.deepcopy(model).cuda()
+    s = make_sampler(name, 13)
+    x, yy, gen = noise.cuda(), y.cuda(), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, t in enumerate(s.timesteps):
+            xx, yc = cfg_inputs(x, yy, cfg.num_classes)
+            out = cfg_combine(gpu(xx, torch.full((xx.shape[0],), t, device="cuda"), yc), cfg.in_channels, 4.0)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                x = s.step(i, x, out, gen)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(x.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_ddpm_default_is_250_steps():
     assert make_sampler("ddpm").timesteps == sampler_timesteps("ddpm", 250)
     assert make_sampler("ddpm").timesteps[:3] == [999, 995, 991]

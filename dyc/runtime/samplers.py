@@ -62,9 +62,21 @@ class Sampler(ABC):
         return _c(math.sqrt(1.0 / a), x) * x - _c(math.sqrt(1.0 / a - 1.0), x) * eps
 
 
-def _c(v: float, like: torch.Tensor) -> torch.Tensor:
-    """A float64 table value as a scalar tensor of the latents' dtype/device (as the reference casts it)."""
-    return torch.tensor(v, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+def _c(v: float, like: torch.Tensor) -> float:
+    """A float64 table value rounded to the latents' dtype, as the reference casts it, kept on the host.
+
+    A Python scalar enters the GPU kernel as that same value (it is exact in the dtype), so the maths
+    is the reference's; a device scalar would cost a blocking host-to-device copy per coefficient,
+    which stalls the host every step and leaves the GPU idle while it prepares the next one.
+    """
+    return torch.tensor(v, dtype=torch.float64).to(like.dtype).item()
+
+
+def _d(v: float, like: torch.Tensor) -> torch.Tensor:
+    """``_c`` as a 0-dim tensor on the latents' device, for a divisor: dividing by a host scalar runs as a
+    multiplication by its reciprocal on CUDA, which rounds differently from the reference's division.
+    Filled on the device, so no copy blocks the host."""
+    return torch.full((), _c(v, like), dtype=like.dtype, device=like.device)
 
 
 def _eps(x: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
@@ -110,9 +122,11 @@ class DDPMSampler(Sampler):
             frac = (model_out[:, c:] + 1) / 2
             log_var = frac * _c(math.log(self.betas[i]), x) + (1 - frac) * min_log
         else:
-            log_var = min_log.expand_as(x)
+            log_var = torch.full_like(x, min_log)
         # drawn on the CPU with the caller's generator: the same noise on every backend and device
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+        if x.is_cuda:  # from pinned memory, so the copy does not block the host (the allocator keeps z alive)
+            z = z.pin_memory().to(x.device, non_blocking=True)
         return mean + torch.exp(0.5 * log_var) * z
 
 
@@ -126,9 +140,10 @@ class DDIMSampler(Sampler):
         x0 = self._x0(i, x, _eps(x, model_out))
         a = self.acp[i]
         # eps re-derived from x0, as improved-DDPM's ddim_sample (it matters once x0 is clipped)
-        eps = (_c(math.sqrt(1.0 / a), x) * x - x0) / _c(math.sqrt(1.0 / a - 1.0), x)
-        ap = _c(self.acp_next[i], x)  # ᾱ_prev in the latents' dtype, then sqrt: the reference's rounding
-        return x0 * torch.sqrt(ap) + torch.sqrt(1 - ap) * eps
+        eps = (_c(math.sqrt(1.0 / a), x) * x - x0) / _d(math.sqrt(1.0 / a - 1.0), x)
+        # ᾱ_prev in the latents' dtype, then sqrt: the reference's rounding (IEEE sqrt, as on the device)
+        ap = torch.tensor(self.acp_next[i], dtype=torch.float64).to(x.dtype)
+        return x0 * torch.sqrt(ap).item() + torch.sqrt(1 - ap).item() * eps
 
 
 class DPMSolverPPSampler(Sampler):
@@ -151,7 +166,7 @@ class DPMSolverPPSampler(Sampler):
     def step(self, i: int, x: torch.Tensor, model_out: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:
         eps = _eps(x, model_out)
-        x0 = (x - _c(self.sigma[i], x) * eps) / _c(self.alpha[i], x)
+        x0 = (x - _c(self.sigma[i], x) * eps) / _d(self.alpha[i], x)
         prev, self._prev_x0 = self._prev_x0, x0
         if i == 0:
             prev = None
@@ -163,7 +178,7 @@ class DPMSolverPPSampler(Sampler):
         xn = _c(self.sigma[i + 1] / self.sigma[i], x) * x - _c(self.alpha[i + 1] * phi, x) * x0
         if prev is not None:
             r = (self.lam[i] - self.lam[i - 1]) / h
-            d1 = (x0 - prev) / _c(r, x)
+            d1 = (x0 - prev) / _d(r, x)
             xn = xn - _c(0.5 * self.alpha[i + 1] * phi, x) * d1
         return xn
 
