@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--groups", type=int, default=None, help="at most K engines (default: the compiler's)")
-    ap.add_argument("--mlp-mode", choices=("sdt", "dense", "dense-fold"), default=None,
+    ap.add_argument("--mlp-mode", choices=("sdt", "dense", "dense-fold", "hybrid", "hybrid-fold"), default=None,
                     help="the DyDiT engines' MLP form (default: sdt where the kernel is built)")
     ap.add_argument("--json")
     a = ap.parse_args()

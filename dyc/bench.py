@@ -55,7 +55,8 @@ class Row:
     rel_l2_per_t: dict[int, float] = field(default_factory=dict)  # the check, at each t it looked at
     # compiled DyDiT: which MLP form each (engine, batch) graph runs, picked by timing them at capture
     # ("sdt": SdtMlp kernel on the kept tokens; "dense": cuBLAS on every token; "dense-fold": dense with
-    # the router finished in the LayerNorm kernel; "hybrid": dense where most tokens are kept), and
+    # the router finished in the LayerNorm kernel; "hybrid": dense where most tokens are kept; "hybrid-fold":
+    # hybrid with dense-fold's router), and
     # those timings (ms)
     mlp_forms: dict[str, int] = field(default_factory=dict)
     mlp_form_ms: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -98,6 +98,9 @@ def test_torch_backend_pipeline_matches_eager_on_a_bundle(tmp_path):
     torch.testing.assert_close(outs["torch"].latents, outs["eager"].latents, rtol=1e-4, atol=1e-4)
     groups = {s.group for s in outs["torch"].trace}
     assert len(groups) > 1  # the engines switched during the run
+    # steps are timed without waiting for each (CUDA events on the GPU): every step has its time
+    ms = [s.ms for s in outs["torch"].trace]
+    assert len(ms) == 10 and min(ms) > 0 and sum(ms) <= outs["torch"].total_ms
 
 
 def _three_t_union():
@@ -151,13 +154,14 @@ def test_hybrid_mlp_form_runs_dense_only_above_the_keep_threshold():
     model, ts, hm, cm, hslot, cslot, sliced = _three_t_union()
     sliced.keep_rates = [0.9, 0.2, 0.75]
     assert sliced._dense_layers("hybrid") == {0, 2} and sliced._dense_layers("sdt") == set()
+    assert sliced._dense_layers("hybrid-fold") == {0, 2}
     assert sliced._dense_layers("dense") == {0, 1, 2}
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 10])
     rows_t = torch.full((3,), 400)
     hs, cs = (torch.from_numpy(m[1:2]).expand(3, -1, -1) for m in (hslot, cslot))
     with torch.no_grad():
         want = model(x, rows_t, y)
-        for mode in ("hybrid", "sdt", "dense", "dense-fold"):
+        for mode in ("hybrid", "sdt", "dense", "dense-fold", "hybrid-fold"):
             torch.testing.assert_close(sliced(x, rows_t, y, head_mask=hs, channel_mask=cs, mlp_mode=mode), want,
                                        rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="mlp_mode"):
@@ -200,8 +204,8 @@ def test_graph_runner_forms_replay_what_the_module_computes():
              "head_mask": torch.from_numpy(hslot[1:2]).expand(4, -1, -1).cuda().half(),
              "channel_mask": torch.from_numpy(cslot[1:2]).expand(4, -1, -1).cuda().half()}
     outs = {}
-    assert "dense-fold" in mod.mlp_modes()  # the Triton LayerNorm kernel finishes the router on CUDA
-    for mode in ("dense", "sdt", "hybrid", "dense-fold"):
+    assert {"dense-fold", "hybrid-fold"} <= set(mod.mlp_modes())  # the Triton LN kernel finishes the router
+    for mode in ("dense", "sdt", "hybrid", "dense-fold", "hybrid-fold"):
         os.environ["DYC_MLP_MODE"] = mode
         try:
             runner = GraphRunner([mod])
@@ -214,5 +218,5 @@ def test_graph_runner_forms_replay_what_the_module_computes():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(got2, got, rtol=0, atol=0)  # replays are deterministic
         outs[mode] = want.float()
-    for mode in ("sdt", "hybrid", "dense-fold"):
+    for mode in ("sdt", "hybrid", "dense-fold", "hybrid-fold"):
         assert ((outs[mode] - outs["dense"]).norm() / outs["dense"].norm()).item() < 1e-2

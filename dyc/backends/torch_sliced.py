@@ -91,7 +91,7 @@ def _fused(fn: Callable) -> Callable:
     return _FUSED[fn.__name__]
 
 
-MLP_MODES = ("sdt", "dense", "dense-fold", "hybrid")
+MLP_MODES = ("sdt", "dense", "dense-fold", "hybrid", "hybrid-fold")
 
 
 def _fast_ln_modulate() -> tuple[Callable, Callable]:
@@ -292,6 +292,7 @@ class SlicedDiT(nn.Module):
         # epilogue) in stream order, its ReLU / second layer / gate inside the LayerNorm kernel that
         # applies the deferred residual add (dyc.kernels.ln_modulate.RouterHidden): one kernel less per
         # layer than the router kernel, and no side stream (cuBLAS's persistent GEMMs leave it no SMs).
+        # "hybrid-fold" is "hybrid" whose dense layers fold the router so.
         self.fold_router = bool(fuse and cfg.dynamic and dev.type == "cuda" and ln_kernels.available())
         self.mlp_mode = "sdt" if self.kernel is not None else "dense"
         self.keep_rates: list[float] | None = None
@@ -304,13 +305,14 @@ class SlicedDiT(nn.Module):
         fold = ("dense-fold",) if self.fold_router else ()
         if not (self.cfg.dynamic and self.kernel is not None):
             return ("dense", *fold)
-        dense = self._dense_layers("hybrid")
-        return ("sdt", "dense", *fold, "hybrid") if 0 < len(dense) < self.cfg.depth else ("sdt", "dense", *fold)
+        if not 0 < len(self._dense_layers("hybrid")) < self.cfg.depth:
+            return ("sdt", "dense", *fold)
+        return ("sdt", "dense", *fold, "hybrid", *(("hybrid-fold",) if fold else ()))
 
     def _dense_layers(self, mode: str) -> frozenset[int]:
         if mode in ("dense", "dense-fold") or not self.cfg.dynamic:
             return frozenset(range(self.cfg.depth))
-        if mode == "hybrid" and self.keep_rates is not None:
+        if mode in ("hybrid", "hybrid-fold") and self.keep_rates is not None:
             return frozenset(l for l, k in enumerate(self.keep_rates) if k >= self.HYBRID_KEEP)
         return frozenset()
 
@@ -401,7 +403,7 @@ class SlicedDiT(nn.Module):
             # dense: every token through the (sliced) MLP; SDT's mask scales the deferred residual add
             h, m = self.add_ln_mod(h, o, g1, None, sh2, sc2)
             keep, join = None, None
-            if cfg.dynamic and mode == "dense-fold":
+            if cfg.dynamic and mode in ("dense-fold", "hybrid-fold"):
                 keep = RouterHidden(F.linear(h, layer["tok0_w"], layer["tok0_b"]), layer["tok2_w"], layer["tok2_b"])
             elif cfg.dynamic:
                 keep, join = self._keep_beside(h, layer)
