@@ -100,7 +100,7 @@ def test_torch_backend_pipeline_matches_eager_on_a_bundle(tmp_path):
     assert len(groups) > 1  # the engines switched during the run
     # steps are timed without waiting for each (CUDA events on the GPU): every step has its time
     ms = [s.ms for s in outs["torch"].trace]
-    assert len(ms) == 10 and min(ms) > 0 and sum(ms) <= outs["torch"].total_ms
+    assert len(ms) == 10 and min(ms) > 0 and sum(ms) <= outs["torch"].total_ms * 1.001  # two clocks
 
 
 def _three_t_union():

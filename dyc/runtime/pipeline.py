@@ -373,9 +373,9 @@ class Pipeline:
         # next step while the GPU computes this one; each step's time is read from an event recorded
         # at its end, once the loop is done. Synchronising every step instead left the GPU idle for
         # the host's share of each step (~0.4 ms at batch 1).
+        t_start = time.perf_counter()
         ends = StepClock(dev)
         groups: list[int] = []
-        t_start = time.perf_counter()
         for i, t in enumerate(s.timesteps):
             outs, group = [], -1
             for lo in range(0, m, int(batch)):
