@@ -25,6 +25,7 @@ from .torch_sliced import (
     _sdt_mlp_op,
     gate_residual,
     ln_modulate,
+    patch_tokens,
     sdt_mlp_torch,
 )
 
@@ -83,8 +84,8 @@ class SlicedPixArt(SlicedLayers):
         cfg, cm = self.cfg, self.shared.common
         dt = cm["pos_embed"].dtype
         b, c = x.shape[0], cfg.hidden_size
-        h = (F.conv2d(x.to(dt), cm["x_embedder.proj.weight"], cm["x_embedder.proj.bias"], stride=cfg.patch_size)
-             .flatten(2).transpose(1, 2) + cm["pos_embed"]).contiguous()
+        h = (patch_tokens(x, cm["x_embedder.proj.weight"], cm["x_embedder.proj.bias"], cfg.patch_size)
+             + cm["pos_embed"]).contiguous()
         temb = F.linear(F.silu(F.linear(timestep_embedding(t).to(dt), cm["t_embedder.mlp.0.weight"],
                                         cm["t_embedder.mlp.0.bias"])), cm["t_embedder.mlp.2.weight"],
                         cm["t_embedder.mlp.2.bias"])

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..families.uvit import LN_EPS, block_prefix
 from ..model import timestep_embedding
 from .torch_family import FamilyWeights, SlicedLayers, mlp_masked
-from .torch_sliced import GroupLayout, _fast_router, _sdt_mlp_op
+from .torch_sliced import GroupLayout, _fast_router, _sdt_mlp_op, patch_tokens
 
 
 def family_weights(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], layouts: Sequence[GroupLayout],
@@ -73,8 +73,7 @@ class SlicedUViT(SlicedLayers):
         cfg, cm = self.cfg, self.shared.common
         dt = cm["pos_embed"].dtype
         b, c, k = x.shape[0], cfg.hidden_size, cfg.depth // 2
-        patches = F.conv2d(x.to(dt), cm["patch_embed.proj.weight"], cm["patch_embed.proj.bias"],
-                           stride=cfg.patch_size).flatten(2).transpose(1, 2)
+        patches = patch_tokens(x, cm["patch_embed.proj.weight"], cm["patch_embed.proj.bias"], cfg.patch_size)
         tokens = [timestep_embedding(t, c).to(dt)[:, None], patches]
         if cfg.num_classes > 0:
             tokens.insert(0, cm["label_emb.weight"][y][:, None])
