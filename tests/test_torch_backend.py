@@ -220,3 +220,15 @@ def test_graph_runner_forms_replay_what_the_module_computes():
         outs[mode] = want.float()
     for mode in ("sdt", "hybrid", "dense-fold", "hybrid-fold"):
         assert ((outs[mode] - outs["dense"]).norm() / outs["dense"].norm()).item() < 1e-2
+
+
+def test_channels_last_patch_tokens_are_the_blocks_layout():
+    """What ``patch_tokens`` relies on for CUDA: a channels-last conv's output, read as tokens, is already
+    a contiguous [B, N, C] (no transposed pass), and holds the same values as the NCHW conv's."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 4, 8, 8, generator=g), torch.randn(32, 4, 2, 2, generator=g), torch.randn(32, generator=g)
+    conv = torch.nn.functional.conv2d
+    want = conv(x, w, b, stride=2).flatten(2).transpose(1, 2)
+    got = conv(x.contiguous(memory_format=torch.channels_last), w, b, stride=2).flatten(2).transpose(1, 2)
+    assert got.is_contiguous() and not want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
