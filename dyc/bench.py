@@ -56,8 +56,7 @@ class Row:
     # compiled DyDiT: which MLP form each (engine, batch) graph runs, picked by timing them at capture
     # ("sdt": SdtMlp kernel on the kept tokens; "dense": cuBLAS on every token; "dense-fold": dense with
     # the router finished in the LayerNorm kernel; "hybrid": dense where most tokens are kept; "hybrid-fold":
-    # hybrid with dense-fold's router), and
-    # those timings (ms)
+    # hybrid with dense-fold's router), and those timings (ms)
     mlp_forms: dict[str, int] = field(default_factory=dict)
     mlp_form_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 

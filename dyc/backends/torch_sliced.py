@@ -323,9 +323,10 @@ class SlicedDiT(nn.Module):
         return ("sdt", "dense", *fold, "hybrid", *(("hybrid-fold",) if fold else ()))
 
     def _dense_layers(self, mode: str) -> frozenset[int]:
-        if mode in ("dense", "dense-fold") or not self.cfg.dynamic:
+        rule = mode.removesuffix("-fold")  # a "-fold" form differs only in how its dense layers run the router
+        if rule == "dense" or not self.cfg.dynamic:
             return frozenset(range(self.cfg.depth))
-        if mode in ("hybrid", "hybrid-fold") and self.keep_rates is not None:
+        if rule == "hybrid" and self.keep_rates is not None:
             return frozenset(l for l, k in enumerate(self.keep_rates) if k >= self.HYBRID_KEEP)
         return frozenset()
 
@@ -415,7 +416,7 @@ class SlicedDiT(nn.Module):
             # dense: every token through the (sliced) MLP; SDT's mask scales the deferred residual add
             h, m = self.add_ln_mod(h, o, g1, None, sh2, sc2)
             keep, join = None, None
-            if cfg.dynamic and mode in ("dense-fold", "hybrid-fold"):
+            if cfg.dynamic and mode.endswith("-fold"):
                 keep = RouterHidden(F.linear(h, layer["tok0_w"], layer["tok0_b"]), layer["tok2_w"], layer["tok2_b"])
             elif cfg.dynamic:
                 keep, join = self._keep_beside(h, layer)
