@@ -5,6 +5,7 @@
 #   PROFILE=1 (bench/profile_dydit.py on the first λ; PROFILE_BATCHES="1 16" images, default 16;
 #   PROFILE_MODES="sdt dense" MLP forms of the DyDiT engines, default the engine's own)
 #   ENGINES=K (at most K engines for the torch row; default the compiler's, K <= 8)
+#   BOUND=1 (bench/gemm_bound.py first: the ratio these kernels allow at each RUNS batch, same machine)
 #   DYC_PLUGIN_LIB=path/to/libdyc_plugins.so (prebuilt for sm_90a) or CUTLASS headers in .cutlass/include
 #   (the plugin is then built here; plugins/README.md).
 # With onnxruntime in BACKENDS, each λ is also compiled to an fp16 bundle for the ONNX Runtime row.
@@ -46,6 +47,13 @@ if [ "${PROFILE:-0}" = 1 ]; then
         --json "$OUT/profile_lam${lam}_b${pb}_$pm.json" 2>&1 | tee "$OUT/profile_lam${lam}_b${pb}_$pm.log" \
         | grep -E "^#|^## " 
     done
+  done
+fi
+if [ "${BOUND:-0}" = 1 ]; then
+  for lam in ${LAMBDAS:-0.5}; do
+    batches=$(for spec in ${RUNS:-0.5:16}; do [ "${spec%%:*}" = "$lam" ] && echo "${spec##*:}"; done)
+    [ -n "$batches" ] && python3 bench/gemm_bound.py /tmp/xl_$lam.safetensors --batch $batches \
+      --json "$OUT/gemm_bound_lam$lam.json" 2> "$OUT/gemm_bound_lam$lam.log"
   done
 fi
 for spec in ${RUNS:-0.5:16}; do

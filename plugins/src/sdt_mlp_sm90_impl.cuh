@@ -191,9 +191,11 @@ namespace {
 // Only the measured-best variant of each GEMM is instantiated (run_gemm* below).
 template <int V>
 using TileFor = Shape<cute::conditional_t<V == 2, _256, _128>, _144, _64>;
-// GEMM2 for few kept rows (persistent ping-pong): 18 tiles across C = 1152 instead of 8, so that a
-// few M-tiles still spread the long K = Hs loop over many SMs.
-using TileFewRows2 = Shape<_128, _64, _64>;
+// GEMM2 for few kept rows (persistent ping-pong): 64-row tiles, 144 wide (8 across C = 1152), so
+// that few kept rows still make enough tiles for the 132 SMs: 1024 rows are 16 x 8 = 128 tiles, one
+// wave, where the 128 x 64 tiles used before made 8 x 18 = 144, two waves (fc2 at 1024 kept rows,
+// Hs 4608: 23.0 us against 34.9; H200 sweep of 128 x 64, 128 x 80, 64 x 144 and 64 x 80, RESULTS.md).
+using TileFewRows2 = Shape<_64, _144, _64>;
 
 template <class Element, class TileShape, class EVT, int V>
 struct KernelFor {
@@ -402,7 +404,7 @@ cudaError_t gemm2(const Sm90Args& a, int64_t M, int lo, int hi) {
 // tiles) reach ~85-95 % of cuBLAS from ~4000 rows up, but below ~2000 rows their few tiles leave
 // most SMs idle (fc2 at 32 kept rows: 52 us, cuBLAS 4 us; H200). GEMM2 therefore launches two
 // persistent kernels and the tile scheduler of one of them schedules nothing: ping-pong with
-// 128 x 64 tiles (18 across C) over the first `few_rows` rows when at most that many are kept,
+// 64 x 144 tiles (TileFewRows2) over the first `few_rows` rows when at most that many are kept,
 // cooperative with 256 x 144 tiles otherwise (threshold 2048 from an H200 sweep). GEMM1 runs the
 // ping-pong kernel with 128 x 144 tiles for every count: as fast as or faster than the
 // cooperative one from 32 to 8192 rows but for a few counts, and one launch instead of two (the
