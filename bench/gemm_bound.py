@@ -33,22 +33,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dyc.backends.torch_sliced import GraphRunner  # noqa: E402
 from dyc.checkpoint import load_checkpoint  # noqa: E402
 from dyc.compiler.analyse import analyse  # noqa: E402
 from dyc.timesteps import sampler_timesteps  # noqa: E402
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 7) -> float:
-    graph.replay()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[n // 2]
 
 
 class WidthWork:
@@ -94,7 +82,7 @@ class WidthWork:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # its own pool, freed with it
             self.forward(widths)
-        ms = replay_ms(graph)
+        ms = GraphRunner._replay_ms(graph)  # the median of 7 replays, as the engines' forms are timed
         del graph
         return ms
 
